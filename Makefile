@@ -1,0 +1,38 @@
+# Two commands (see README):
+#   make lab    set everything up and open the course in JupyterLab
+#   make test   set everything up and run every test, notebooks included
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PORT   ?= 8888
+TOKEN  ?= course
+JOBS   ?= 2
+
+.PHONY: setup lab test assets figures clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (course)" >/dev/null
+	touch $@
+
+setup: $(VENV)/.installed
+
+lab: setup
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) --ip=127.0.0.1 \
+	  --IdentityProvider.token=$(TOKEN) $(if $(filter 0,$(shell id -u)),--allow-root,) \
+	  notebooks/00_start_here.ipynb
+
+test: setup
+	$(PY) -m pytest -n $(JOBS) --dist loadscope --nbval-lax --nbval-current-env tests notebooks
+
+assets: setup
+	$(PY) scripts/make_assets.py
+
+figures: setup
+	$(PY) scripts/make_figures.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
