@@ -1,0 +1,265 @@
+"""Attention pictures: labelled heatmaps, the five steps side by side, per-head grids, one row as bars.
+
+Every function takes plain tensors or arrays (one sequence, no batch axis) and token labels,
+and returns a matplotlib ``Figure`` (or draws on the ``Axes`` it is given). Masked entries
+(``-inf``) are drawn in light grey with a "−∞" label so the causal mask is visible.
+
+Introduced in notebooks/02_q_k_v.ipynb (heatmaps) and notebooks/03_scores_mask_softmax.ipynb
+(the steps); per-head grids in notebooks/04_multi_head_attention.ipynb.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import matplotlib.pyplot as plt
+from matplotlib.patches import Rectangle
+
+from ..errors import InputError
+
+MASKED_COLOR = "#d9d9d9"
+STEP_TITLES = {
+    "scores": "scores  Q·Kᵀ",
+    "scaled": "scaled  ÷ √d_k",
+    "mask": "mask  (1 = may see)",
+    "masked": "masked  (−∞ above diagonal)",
+    "weights": "weights  softmax per row",
+}
+
+
+def as_array(x) -> np.ndarray:
+    """A tensor, array or nested list as a float numpy array (on the CPU)."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=float)
+
+
+def _check_2d(matrix: np.ndarray, row_labels, col_labels) -> None:
+    if matrix.ndim != 2:
+        raise InputError(f"a heatmap needs a 2-D matrix, got shape {matrix.shape}")
+    if row_labels is not None and len(row_labels) != matrix.shape[0]:
+        raise InputError(f"{len(row_labels)} row labels for {matrix.shape[0]} rows")
+    if col_labels is not None and len(col_labels) != matrix.shape[1]:
+        raise InputError(f"{len(col_labels)} column labels for {matrix.shape[1]} columns")
+
+
+def heatmap(ax, matrix, row_labels=None, col_labels=None, title: str | None = None,
+            cmap: str = "viridis", annotate: bool | None = None, fmt: str = "{:.2f}",
+            vmin: float | None = None, vmax: float | None = None, colorbar: bool = False,
+            xlabel: str | None = None, ylabel: str | None = None):
+    """Draw ``matrix`` (rows × cols) on ``ax`` with token labels; ``-inf`` cells are grey "−∞".
+
+    ``annotate=None`` writes the numbers into the cells when the matrix is at most 10 × 10.
+    Returns the image artist.
+    """
+    m = as_array(matrix)
+    _check_2d(m, row_labels, col_labels)
+    masked = ~np.isfinite(m)
+    shown = np.ma.masked_array(m, mask=masked)
+    cm = plt.get_cmap(cmap).copy()
+    cm.set_bad(MASKED_COLOR)
+    finite = m[~masked]
+    if vmin is None:
+        vmin = float(finite.min()) if finite.size else 0.0
+    if vmax is None:
+        vmax = float(finite.max()) if finite.size else 1.0
+    if vmax <= vmin:
+        vmax = vmin + 1e-9
+    im = ax.imshow(shown, cmap=cm, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+    rows, cols = m.shape
+    if row_labels is not None:
+        ax.set_yticks(range(rows), [str(s) for s in row_labels], fontsize=8)
+    if col_labels is not None:
+        ax.set_xticks(range(cols), [str(s) for s in col_labels], fontsize=8, rotation=90)
+    if annotate is None:
+        annotate = rows <= 10 and cols <= 10
+    if annotate:
+        mid = (vmin + vmax) / 2
+        for i in range(rows):
+            for j in range(cols):
+                if masked[i, j]:
+                    ax.text(j, i, "−∞", ha="center", va="center", fontsize=7, color="#555555")
+                else:
+                    color = "white" if m[i, j] < mid else "black"
+                    ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=7, color=color)
+    if title:
+        ax.set_title(title, fontsize=9)
+    if xlabel:
+        ax.set_xlabel(xlabel, fontsize=8)
+    if ylabel:
+        ax.set_ylabel(ylabel, fontsize=8)
+    if colorbar:
+        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    return im
+
+
+def highlight_row(ax, row: int, n_cols: int, color: str = "red") -> None:
+    """Outline one row of a heatmap (the query being inspected)."""
+    ax.add_patch(Rectangle((-0.5, row - 0.5), n_cols, 1, fill=False, edgecolor=color, linewidth=2))
+
+
+def weights_bar(ax, row, labels, query_index: int | None = None, title: str | None = None,
+                future_from: int | None = None) -> None:
+    """One query's attention weights as bars, one bar per key. Keys at index ``>= future_from``
+    (the future, when the mask is off) are drawn in red."""
+    w = as_array(row).reshape(-1)
+    if len(labels) != len(w):
+        raise InputError(f"{len(labels)} labels for {len(w)} weights")
+    colors = ["#d62728" if future_from is not None and j >= future_from else "#1f77b4" for j in range(len(w))]
+    ax.bar(range(len(w)), w, color=colors)
+    ax.set_xticks(range(len(w)), [str(s) for s in labels], rotation=90, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("weight", fontsize=8)
+    if len(w) <= 12:
+        for j, v in enumerate(w):
+            ax.text(j, v + 0.02, f"{v:.2f}", ha="center", fontsize=7)
+    if title is None and query_index is not None:
+        title = f"weights of query {query_index} ({labels[query_index]!s}) — sum {w.sum():.3f}"
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def steps_figure(steps: dict, labels, query_index: int | None = None, bar: bool = True,
+                 suptitle: str | None = None):
+    """The five steps of one head side by side: scores, scaled, mask, masked, weights.
+
+    ``steps`` maps those names to (T, S) matrices (``mask`` boolean or 0/1). With
+    ``query_index`` the query's row is outlined and, if ``bar``, drawn as a bar chart below.
+    """
+    names = [n for n in STEP_TITLES if n in steps]
+    if not names:
+        raise InputError(f"steps has none of {list(STEP_TITLES)}; got {list(steps)}")
+    n = len(names)
+    T = as_array(steps[names[0]]).shape[0]
+    width = max(2.6, 0.32 * T + 1.2)
+    if bar and query_index is not None:
+        fig = plt.figure(figsize=(width * n, width + 2.6))
+        gs = fig.add_gridspec(2, n, height_ratios=[width, 2.2], hspace=0.55)
+        axes = [fig.add_subplot(gs[0, i]) for i in range(n)]
+        bar_ax = fig.add_subplot(gs[1, :])
+    else:
+        fig, axes = plt.subplots(1, n, figsize=(width * n, width + 0.4))
+        axes = np.atleast_1d(axes)
+        bar_ax = None
+    for ax, name in zip(axes, names):
+        m = as_array(steps[name])
+        kw = {}
+        if name == "mask":
+            kw = dict(cmap="Greys", vmin=0, vmax=1.6, fmt="{:.0f}")
+        elif name == "weights":
+            kw = dict(cmap="Blues", vmin=0, vmax=1)
+        else:
+            kw = dict(cmap="coolwarm")
+            finite = m[np.isfinite(m)]
+            lim = float(np.abs(finite).max()) if finite.size else 1.0
+            kw.update(vmin=-lim, vmax=lim)
+        heatmap(ax, m, labels, labels, title=STEP_TITLES[name], **kw)
+        if query_index is not None:
+            highlight_row(ax, query_index, m.shape[1])
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    axes[0].set_ylabel("query (row)", fontsize=8)
+    if bar_ax is not None:
+        w = as_array(steps["weights"])[query_index]
+        mask = steps.get("mask")
+        future = query_index + 1 if mask is not None and as_array(mask)[query_index, query_index + 1:].any() else None
+        weights_bar(bar_ax, w, labels, query_index, future_from=future)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    return fig
+
+
+def qkv_figure(q, k, v, labels, head_dim: int | None = None, title: str | None = None):
+    """Q, K and V (T, D) as three heatmaps with a row per token; dashed lines split the heads."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, max(2.5, 0.3 * len(labels) + 1.2)))
+    for ax, name, m in zip(axes, "QKV", (q, k, v)):
+        m = as_array(m)
+        lim = float(np.abs(m).max()) or 1.0
+        heatmap(ax, m, labels, None, title=f"{name}  {m.shape[0]} tokens × {m.shape[1]} dims",
+                cmap="coolwarm", vmin=-lim, vmax=lim, annotate=False, xlabel="dimension")
+        if head_dim:
+            for b in range(head_dim, m.shape[1], head_dim):
+                ax.axvline(b - 0.5, color="black", linestyle="--", linewidth=0.8)
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def head_grid(weights, labels, title: str | None = None, head_titles=None, highlight: int | None = None,
+              annotate: bool | None = False):
+    """Attention weights of several heads, ``(H, T, S)``, as a row of heatmaps."""
+    w = as_array(weights)
+    if w.ndim != 3:
+        raise InputError(f"head_grid needs weights of shape (H, T, S), got {w.shape}")
+    H, T, S = w.shape
+    size = max(2.4, 0.24 * T + 1.0)
+    fig, axes = plt.subplots(1, H, figsize=(size * H, size + 0.5))
+    axes = np.atleast_1d(axes)
+    for h, ax in enumerate(axes):
+        t = head_titles[h] if head_titles is not None else f"head {h}"
+        heatmap(ax, w[h], labels, labels, title=t, cmap="Blues", vmin=0, vmax=1, annotate=annotate)
+        if h:
+            ax.set_yticklabels([])
+        if highlight == h:
+            for spine in ax.spines.values():
+                spine.set_edgecolor("red")
+                spine.set_linewidth(2.5)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def layer_head_grid(weights_per_layer, labels, row_titles=None, title: str | None = None):
+    """Every head of every layer: ``(L, H, T, S)`` as an L × H grid of heatmaps."""
+    w = as_array(weights_per_layer)
+    if w.ndim != 4:
+        raise InputError(f"layer_head_grid needs weights of shape (L, H, T, S), got {w.shape}")
+    L, H, T, _ = w.shape
+    size = max(2.0, 0.2 * T + 0.9)
+    fig, axes = plt.subplots(L, H, figsize=(size * H, size * L), squeeze=False)
+    for layer in range(L):
+        for h in range(H):
+            ax = axes[layer, h]
+            heatmap(ax, w[layer, h], labels if h == 0 else None, labels if layer == L - 1 else None,
+                    cmap="Blues", vmin=0, vmax=1, annotate=False)
+            if h > 0:
+                ax.set_yticks([])
+            if layer < L - 1:
+                ax.set_xticks([])
+            ax.set_title(row_titles[layer][h] if row_titles else f"layer {layer}, head {h}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def scaling_figure(dims, raw_std, scaled_std, raw_max_weight, scaled_max_weight):
+    """Why 1/√d_k: the spread of q·k grows like √d_k and softmax saturates; scaling keeps both flat."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4))
+    a.plot(dims, raw_std, "o-", label="std of q·k")
+    a.plot(dims, scaled_std, "s-", label="std of q·k / √d_k")
+    a.plot(dims, np.sqrt(dims), ":", color="gray", label="√d_k")
+    a.set_xscale("log", base=2)
+    a.set_xlabel("d_k")
+    a.set_title("spread of the scores", fontsize=9)
+    a.legend(fontsize=8)
+    b.plot(dims, raw_max_weight, "o-", label="unscaled")
+    b.plot(dims, scaled_max_weight, "s-", label="scaled")
+    b.set_xscale("log", base=2)
+    b.set_ylim(0, 1.05)
+    b.set_xlabel("d_k")
+    b.set_title("mean largest softmax weight in a row", fontsize=9)
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """Rows and columns for ``n`` small panels, as square as possible."""
+    cols = math.ceil(math.sqrt(n))
+    return math.ceil(n / cols), cols

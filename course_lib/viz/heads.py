@@ -1,0 +1,68 @@
+"""Measuring what each head does: how much weight goes to the previous token, to the token itself,
+to the first token, or to chosen tokens (newlines, punctuation). The scores decide which heads the
+notebooks show. Introduced in notebooks/04_multi_head_attention.ipynb.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import matplotlib.pyplot as plt
+import torch
+
+from ..errors import InputError
+from .attention import as_array, heatmap
+
+PATTERNS = ("previous token", "self", "first token", "marked tokens")
+
+
+def layer_weights(trace, n_layer: int) -> torch.Tensor:
+    """Attention weights of every layer of a traced single sequence: (L, H, T, S)."""
+    return torch.stack([trace[f"h{i}.attn.weights"][0] for i in range(n_layer)]).cpu()
+
+
+def head_pattern_scores(weights, marked=None, skip: int = 1) -> dict[str, np.ndarray]:
+    """Mean weight per (layer, head) that a query puts on each pattern's keys.
+
+    ``weights`` is (L, H, T, T) for one sequence; queries before ``skip`` are left out (query 0
+    can only see itself). ``marked`` is a boolean (T,) of keys to count as "marked tokens"
+    (e.g. newlines or punctuation); a query counts only marked keys it can see.
+    Returns name → (L, H) array.
+    """
+    w = as_array(weights)
+    if w.ndim != 4 or w.shape[-1] != w.shape[-2]:
+        raise InputError(f"need weights of shape (L, H, T, T), got {w.shape}")
+    T = w.shape[-1]
+    if T <= skip:
+        raise InputError(f"need more than {skip} tokens to score heads, got {T}")
+    rows = np.arange(skip, T)
+    out = {"previous token": w[..., rows, rows - 1].mean(-1),
+           "self": w[..., rows, rows].mean(-1),
+           "first token": w[..., rows, 0].mean(-1)}
+    if marked is not None:
+        marked = np.asarray(marked, dtype=bool)
+        if marked.shape != (T,):
+            raise InputError(f"marked must be a boolean vector of length {T}, got shape {marked.shape}")
+        out["marked tokens"] = (w[..., rows, :] * marked[None, None, None, :]).sum(-1).mean(-1)
+    return out
+
+
+def best_head(scores: np.ndarray) -> tuple[int, int]:
+    """(layer, head) with the highest score."""
+    layer, head = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    return int(layer), int(head)
+
+
+def head_scores_figure(scores: dict[str, np.ndarray], title: str | None = None):
+    """One small L × H table per pattern, the numbers written in."""
+    names = list(scores)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.0))
+    axes = np.atleast_1d(axes)
+    for ax, name in zip(axes, names):
+        s = scores[name]
+        heatmap(ax, s, [f"L{i}" for i in range(s.shape[0])], [f"H{j}" for j in range(s.shape[1])],
+                title=name, cmap="Greens", vmin=0, vmax=1, annotate=True)
+        ax.tick_params(axis="x", rotation=0)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

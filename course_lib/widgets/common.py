@@ -1,0 +1,96 @@
+"""What every interactive view shares: checking a prompt, turning a figure into PNG bytes, and a
+base class whose ``update()`` shows a clear message instead of a traceback when the input is bad.
+
+Introduced in notebooks/02_q_k_v.ipynb, the first notebook with a widget.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+
+import ipywidgets as widgets
+import matplotlib.pyplot as plt
+
+from ..errors import CourseError, InputError
+
+
+def prompt_ids(tokenizer, prompt: str, max_tokens: int) -> list[int]:
+    """Token ids of ``prompt``, or a :class:`CourseError` that says what to change.
+
+    Raises for an empty prompt, a character the tokenizer lacks (``TokenizerError``) and a
+    prompt of more than ``max_tokens`` tokens (the model's context).
+    """
+    if not isinstance(prompt, str):
+        raise InputError(f"the prompt must be text, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise InputError("the prompt is empty: type at least one word")
+    ids = tokenizer.encode(prompt)
+    if len(ids) > max_tokens:
+        raise InputError(f"the prompt is {len(ids)} tokens long but the model's context holds "
+                         f"{max_tokens}; shorten it")
+    return ids
+
+
+def figure_png(fig, dpi: int = 80) -> bytes:
+    """Render a matplotlib figure to PNG bytes and close it (nothing is left open)."""
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def _html_output(body: str, plain: str) -> dict:
+    return {"output_type": "display_data", "metadata": {},
+            "data": {"text/plain": plain, "text/html": body}}
+
+
+class Explorer(widgets.VBox):
+    """A control panel, an Output for text and messages, and an Image for the figure.
+
+    Subclasses build ``controls`` and implement ``compute()`` (returns ``(summary_text, png)``)
+    from the controls' values. Any change re-runs :meth:`update`; a :class:`CourseError` (or any
+    other exception) becomes a message in the Output and the widget keeps working.
+    """
+
+    def __init__(self, controls: list):
+        self.output = widgets.Output()
+        self.image = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
+        self.message: str | None = None   # the last error message, None after a good update
+        self.summary: str = ""            # the last summary text
+        super().__init__(children=[*controls, self.output, self.image])
+        for c in controls:
+            if hasattr(c, "value"):
+                c.observe(self._on_change, names="value")
+
+    def _on_change(self, change) -> None:
+        self.update()
+
+    def compute(self) -> tuple[str, bytes]:  # pragma: no cover - every subclass overrides it
+        raise NotImplementedError
+
+    def show_text(self, text: str, error: bool = False) -> None:
+        color = "#b00020" if error else "#222222"
+        body = f'<pre style="color:{color}; white-space:pre-wrap; margin:0">{html.escape(text)}</pre>'
+        self.output.outputs = (_html_output(body, text),)
+
+    def update(self) -> None:
+        """Recompute from the controls' current values; show the result or a clear message."""
+        try:
+            summary, png = self.compute()
+        except CourseError as e:
+            self.message = str(e)
+            self.show_text(f"⚠ {e}", error=True)
+            self.image.value = b""
+            return
+        except Exception as e:  # noqa: BLE001 - a widget must never die on input
+            self.message = f"{type(e).__name__}: {e}"
+            self.show_text(f"⚠ unexpected problem ({self.message}); try another input", error=True)
+            self.image.value = b""
+            return
+        self.message = None
+        self.summary = summary
+        self.show_text(summary)
+        self.image.value = png
