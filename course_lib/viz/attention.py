@@ -10,8 +10,6 @@ Introduced in notebooks/02_q_k_v.ipynb (heatmaps) and notebooks/03_scores_mask_s
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
@@ -57,8 +55,7 @@ def heatmap(ax, matrix, row_labels=None, col_labels=None, title: str | None = No
     _check_2d(m, row_labels, col_labels)
     masked = ~np.isfinite(m)
     shown = np.ma.masked_array(m, mask=masked)
-    cm = plt.get_cmap(cmap).copy()
-    cm.set_bad(MASKED_COLOR)
+    cm = plt.get_cmap(cmap).with_extremes(bad=MASKED_COLOR)
     finite = m[~masked]
     if vmin is None:
         vmin = float(finite.min()) if finite.size else 0.0
@@ -257,9 +254,3 @@ def scaling_figure(dims, raw_std, scaled_std, raw_max_weight, scaled_max_weight)
     b.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def grid_shape(n: int) -> tuple[int, int]:
-    """Rows and columns for ``n`` small panels, as square as possible."""
-    cols = math.ceil(math.sqrt(n))
-    return math.ceil(n / cols), cols

@@ -225,9 +225,8 @@ class AttentionExplorer(Explorer):
         self._busy = False
         controls = [self.prompt, widgets.HBox([self.query, self.temperature, self.mask]),
                     widgets.HBox([self.layer, self.head])]
-        super().__init__(controls)
-        for c in (self.query, self.temperature, self.mask, self.layer, self.head):
-            c.observe(self._on_change, names="value")
+        super().__init__(controls, watch=[self.prompt, self.query, self.temperature, self.mask,
+                                          self.layer, self.head])
         self._fit_query_slider()
         self.update()
 
@@ -266,7 +265,8 @@ class HeadExplorer(Explorer):
         self.prompt = _prompt_box(prompt)
         self.layer = _slider("layer", layer, model.config.n_layer - 1)
         self.head = _slider("head", head, model.config.n_head - 1)
-        super().__init__([self.prompt, widgets.HBox([self.layer, self.head])])
+        super().__init__([self.prompt, widgets.HBox([self.layer, self.head])],
+                         watch=[self.prompt, self.layer, self.head])
         self.update()
 
     def compute(self):

@@ -50,20 +50,20 @@ def _html_output(body: str, plain: str) -> dict:
 class Explorer(widgets.VBox):
     """A control panel, an Output for text and messages, and an Image for the figure.
 
-    Subclasses build ``controls`` and implement ``compute()`` (returns ``(summary_text, png)``)
+    Subclasses build ``controls`` (laid out top to bottom), name the value widgets to ``watch``
+    (default: the controls themselves) and implement ``compute()`` (returns ``(summary_text, png)``)
     from the controls' values. Any change re-runs :meth:`update`; a :class:`CourseError` (or any
     other exception) becomes a message in the Output and the widget keeps working.
     """
 
-    def __init__(self, controls: list):
+    def __init__(self, controls: list, watch: list | None = None):
         self.output = widgets.Output()
         self.image = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
         self.message: str | None = None   # the last error message, None after a good update
         self.summary: str = ""            # the last summary text
         super().__init__(children=[*controls, self.output, self.image])
-        for c in controls:
-            if hasattr(c, "value"):
-                c.observe(self._on_change, names="value")
+        for c in (watch if watch is not None else controls):
+            c.observe(self._on_change, names="value")
 
     def _on_change(self, change) -> None:
         self.update()

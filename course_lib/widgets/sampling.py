@@ -55,9 +55,8 @@ class SamplingExplorer(Explorer):
                                                description="temperature", continuous_update=False)
         self.seed = widgets.IntSlider(value=0, min=0, max=20, description="seed", continuous_update=False)
         self.max_new_tokens = max_new_tokens
-        super().__init__([self.prompt, widgets.HBox([self.temperature, self.seed])])
-        for c in (self.temperature, self.seed):
-            c.observe(self._on_change, names="value")
+        super().__init__([self.prompt, widgets.HBox([self.temperature, self.seed])],
+                         watch=[self.prompt, self.temperature, self.seed])
         self.image.layout.display = "none"
         self.update()
 
