@@ -1,0 +1,146 @@
+"""The block manager: which KV blocks of the paged pool belong to which sequence.
+
+The KV cache is cut into fixed-size blocks of ``block_size`` token slots (notebooks/11 draws
+them). A sequence's ``block_table`` lists its blocks in order, so token ``t`` of a sequence lives
+in slot ``block_table[t // block_size] * block_size + t % block_size``. Blocks are handed out
+from a free list and given back when a request finishes or is preempted; nothing is ever
+copied or compacted.
+
+Prefix caching: once a block is *full*, it is named by a hash of its tokens and of the hash
+of the block before it (so the name stands for the whole prefix up to that block). A new
+request whose first full blocks hash to names already in the table reuses those blocks, with a
+reference count, instead of computing them again. Freed blocks keep their name until the
+free list hands them out again, oldest first, so a prompt that comes back soon still hits.
+
+Block 0 is the *null block*: it is never given out; padded rows of a CUDA-graph batch write
+their throw-away K/V there. Introduced in notebooks/11_inside_an_engine.ipynb.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .sequence import Sequence
+
+NULL_BLOCK = 0
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None       # set once the block is full (prefix caching)
+    token_ids: tuple[int, ...] = ()     # the tokens it holds when hashed, to rule out collisions
+
+
+def hash_block(parent_hash: int | None, token_ids) -> int:
+    """Name of a full block: its tokens together with the name of the prefix before it."""
+    return hash((parent_hash, tuple(token_ids)))
+
+
+class BlockManager:
+    """Hands out KV blocks; counts references; finds cached prefixes."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks          # usable blocks, ids 1..num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks + 1)]   # + the null block 0
+        # free blocks in eviction order: the front is handed out first
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks + 1))
+        self.cached: dict[int, int] = {}      # block hash -> block id
+        self.num_queried_tokens = 0           # prompt tokens looked up in the prefix cache
+        self.num_hit_tokens = 0               # of those, found there
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ------------------------------------------------------------------ prefix cache
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Ids of cached blocks equal to the sequence's first full blocks.
+
+        At least one token is left uncomputed: its logits are needed to pick the next token.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        hits, h = [], None
+        for b in range((seq.num_tokens - 1) // bs):
+            tokens = tuple(seq.token_ids[b * bs:(b + 1) * bs])
+            h = hash_block(h, tokens)
+            block_id = self.cached.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            hits.append(block_id)
+        return hits
+
+    def _cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Name every block of ``seq`` that is full once ``num_tokens`` tokens have K/V."""
+        bs = self.block_size
+        for b in range(len(seq.block_hashes), num_tokens // bs):
+            tokens = tuple(seq.token_ids[b * bs:(b + 1) * bs])
+            h = hash_block(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+            seq.block_hashes.append(h)
+            block = self.blocks[seq.block_table[b]]
+            if block.block_hash is None:
+                block.block_hash, block.token_ids = h, tokens
+                self.cached.setdefault(h, block.block_id)
+
+    # ------------------------------------------------------------------ allocate / free
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= len(self.free)
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
+        """Give ``seq`` the blocks for ``num_new_tokens`` more tokens; False (and no change)
+        when the pool has too few free blocks.
+
+        ``cached_block_ids`` (first scheduling only) are prefix-cache hits taken over as the
+        sequence's first blocks. The blocks that will be full after this step are hashed now:
+        within a step every layer writes all new K/V before any attention reads it, so a later
+        request of the same step may already reuse them.
+        """
+        num_tokens = seq.num_computed_tokens + len(cached_block_ids) * self.block_size + num_new_tokens
+        new_blocks = self.blocks_needed(num_tokens) - len(seq.block_table) - len(cached_block_ids)
+        revived = sum(1 for b in cached_block_ids if self.blocks[b].ref_count == 0)
+        if max(new_blocks, 0) + revived > len(self.free):
+            return False
+        for block_id in cached_block_ids:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+        for _ in range(new_blocks):
+            block_id, _ = self.free.popitem(last=False)
+            block = self.blocks[block_id]
+            if block.block_hash is not None:          # evict its old name
+                if self.cached.get(block.block_hash) == block_id:
+                    del self.cached[block.block_hash]
+                block.block_hash, block.token_ids = None, ()
+            block.ref_count = 1
+            seq.block_table.append(block_id)
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(seq, num_tokens)
+        return True
+
+    def free_sequence(self, seq: Sequence) -> None:
+        """Give back the sequence's blocks. Named blocks stay findable until reused."""
+        for block_id in reversed(seq.block_table):    # the tail is evicted before the head
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+                if block.block_hash is None:          # nothing to keep: hand out first
+                    self.free.move_to_end(block_id, last=False)
+        seq.block_table = []
+        seq.block_hashes = []
+
+    def slot(self, seq: Sequence, position: int) -> int:
+        """Flat slot index of token ``position`` of ``seq`` in the paged pool."""
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

@@ -1,0 +1,213 @@
+"""The model runner: one flat, variable-length batch per step through the GPT's weights.
+
+The scheduler's decisions become one :class:`StepBatch`: every new token of every scheduled
+sequence laid end to end (no padding), with its position, the KV slot it writes, where each
+sequence's queries start (``query_start``, cumulative lengths), how many keys each sequence
+sees, the block tables, and which rows need logits. The runner then runs the weights of a
+:class:`course_lib.model.GPT` (the reference model's own parameters; nothing is redefined):
+embeddings → per layer LayerNorm, QKV, *write K/V into the pool*, attention backend, output
+projection, MLP → final LayerNorm and the LM head on the logit rows only.
+
+On CUDA, steps that are pure decode replay a CUDA graph captured for a bucketed batch size:
+the whole forward is one launch, which is what makes batch-1 decode fast.
+Introduced in notebooks/11_inside_an_engine.ipynb.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..model import GPT, gelu
+from .attention import AttentionBackend
+from .block_manager import NULL_BLOCK
+from .kv_cache import PagedKVCache
+from .scheduler import ScheduledSeq, SchedulerOutput
+
+
+@dataclass
+class StepBatch:
+    """Everything one step's forward needs. N = new tokens, B = sequences, R = logit rows.
+
+    Decode sequences (one new token each) come first: rows ``0..num_decodes-1``.
+    """
+
+    input_ids: torch.Tensor        # (N,) token ids
+    positions: torch.Tensor        # (N,) absolute position of each token in its sequence
+    slot_mapping: torch.Tensor     # (N,) KV slot each token writes
+    query_start: list[int]         # (B + 1) cumulative query lengths (cu_seqlens_q)
+    key_start: list[int]           # (B + 1) cumulative context lengths (cu_seqlens_k)
+    context_lens: torch.Tensor     # (B,) keys each sequence attends to: cached + new
+    context_lens_host: list[int]   # the same on the host, for per-sequence loops
+    block_tables: torch.Tensor     # (B, M) int32, padded with the null block
+    logits_indices: torch.Tensor   # (R,) rows of the flat batch that need logits
+    num_decodes: int
+    seqs: list[ScheduledSeq] = field(default_factory=list)   # in batch order
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens_host)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_start[-1]
+
+    @property
+    def query_lens(self) -> list[int]:
+        return [b - a for a, b in zip(self.query_start, self.query_start[1:])]
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.num_decodes == self.num_seqs
+
+    @property
+    def logit_seqs(self) -> list[ScheduledSeq]:
+        return [s for s in self.seqs if s.needs_logits]
+
+
+def _cumsum(xs: list[int]) -> list[int]:
+    out = [0]
+    for x in xs:
+        out.append(out[-1] + x)
+    return out
+
+
+class ModelRunner:
+    def __init__(self, model: GPT, kv_cache: PagedKVCache, attention: AttentionBackend,
+                 fast_gelu: bool = False):
+        self.model = model
+        self.config = model.config
+        self.kv = kv_cache
+        self.attention = attention
+        self.device = model.transformer.wte.weight.device
+        self.fast_gelu = fast_gelu and model.config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
+        self.max_blocks_per_seq = math.ceil(self.config.n_positions / kv_cache.block_size)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_batch: StepBatch | None = None
+
+    # ------------------------------------------------------------------ metadata
+    def prepare(self, sched: SchedulerOutput) -> StepBatch:
+        """Scheduler output → flat batch tensors (built on the host, copied once)."""
+        seqs = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)   # decodes first (stable)
+        bs = self.kv.block_size
+        qlens = [s.num_new_tokens for s in seqs]
+        ctx = [s.start + s.num_new_tokens for s in seqs]
+        width = max(len(s.seq.block_table) for s in seqs)
+        tables = torch.full((len(seqs), width), NULL_BLOCK, dtype=torch.int32)
+        ids, positions = [], []
+        for i, s in enumerate(seqs):
+            tables[i, :len(s.seq.block_table)] = torch.tensor(s.seq.block_table, dtype=torch.int32)
+            ids.extend(s.seq.token_ids[s.start:s.start + s.num_new_tokens])
+            positions.append(torch.arange(s.start, s.start + s.num_new_tokens))
+        pos = torch.cat(positions)                                          # (N,)
+        seq_of_row = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(qlens))
+        slots = tables[seq_of_row, pos // bs].long() * bs + pos % bs        # (N,)
+        qstart = _cumsum(qlens)
+        logit_rows = [qstart[i + 1] - 1 for i, s in enumerate(seqs) if s.needs_logits]
+        dev = self.device
+        return StepBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+            positions=pos.to(dev, non_blocking=True),
+            slot_mapping=slots.to(dev, non_blocking=True),
+            query_start=qstart, key_start=_cumsum(ctx),
+            context_lens=torch.tensor(ctx, dtype=torch.int32).to(dev, non_blocking=True),
+            context_lens_host=ctx,
+            block_tables=tables.to(dev, non_blocking=True),
+            logits_indices=torch.tensor(logit_rows, dtype=torch.long).to(dev, non_blocking=True),
+            num_decodes=_leading_ones(qlens),
+            seqs=seqs)
+
+    # ------------------------------------------------------------------ compute
+    def mlp(self, block, h: torch.Tensor) -> torch.Tensor:
+        if self.fast_gelu:   # one fused kernel; same function as GPT-2's tanh formula
+            return block.mlp.c_proj(F.gelu(block.mlp.c_fc(h), approximate="tanh"))
+        return block.mlp.c_proj(gelu(block.mlp.c_fc(h), block.mlp.activation))
+
+    @torch.no_grad()
+    def forward(self, b: StepBatch) -> torch.Tensor:
+        """Logits ``(R, V)`` for the rows in ``b.logits_indices``; writes every new token's K/V."""
+        tr = self.model.transformer
+        N = b.input_ids.shape[0]
+        D, H = self.config.n_embd, self.config.n_head
+        x = tr.wte(b.input_ids) + tr.wpe(b.positions)                 # (N, D)
+        for layer, block in enumerate(tr.h):
+            h = block.ln_1(x)
+            q, k, v = block.attn.c_attn(h).split(D, dim=-1)            # 3 x (N, D)
+            q, k, v = (t.view(N, H, D // H) for t in (q, k, v))        # (N, H, Dh)
+            self.kv.write(layer, k, v, b.slot_mapping)
+            o = self.attention.forward(q, k, v, self.kv, layer, b)     # (N, H, Dh)
+            x = x + block.attn.c_proj(o.reshape(N, D))
+            x = x + self.mlp(block, block.ln_2(x))
+        x = tr.ln_f(x[b.logits_indices])                               # (R, D): only rows that sample
+        return self.model.lm_head(x)                                   # (R, V)
+
+    def execute(self, b: StepBatch) -> torch.Tensor:
+        if (self.graphs and b.is_decode_only and b.num_seqs <= max(self.graphs)
+                and b.logits_indices.shape[0] == b.num_seqs):
+            return self._replay(b)
+        return self.forward(b)
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def capture_cuda_graphs(self, batch_sizes: list[int]) -> None:
+        """Capture the decode forward for each batch size (largest first, one memory pool)."""
+        Bmax, M, dev = max(batch_sizes), self.max_blocks_per_seq, self.device
+        self.graph_batch = StepBatch(
+            input_ids=torch.zeros(Bmax, dtype=torch.long, device=dev),
+            positions=torch.zeros(Bmax, dtype=torch.long, device=dev),
+            slot_mapping=torch.zeros(Bmax, dtype=torch.long, device=dev),   # slot 0: the null block
+            query_start=list(range(Bmax + 1)), key_start=list(range(Bmax + 1)),
+            context_lens=torch.zeros(Bmax, dtype=torch.int32, device=dev),
+            context_lens_host=[1] * Bmax,
+            block_tables=torch.full((Bmax, M), NULL_BLOCK, dtype=torch.int32, device=dev),
+            logits_indices=torch.arange(Bmax, device=dev), num_decodes=Bmax)
+        pool = torch.cuda.graph_pool_handle()
+        for B in sorted(batch_sizes, reverse=True):
+            view = self._graph_view(B)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):                  # warm up: compile kernels, pick algorithms
+                for _ in range(2):
+                    self.forward(view)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.forward(view)
+            self.graphs[B] = (graph, logits)
+        torch.cuda.synchronize()
+
+    def _graph_view(self, B: int) -> StepBatch:
+        g = self.graph_batch
+        return StepBatch(g.input_ids[:B], g.positions[:B], g.slot_mapping[:B], g.query_start[:B + 1],
+                         g.key_start[:B + 1], g.context_lens[:B], g.context_lens_host[:B],
+                         g.block_tables[:B], g.logits_indices[:B], B)
+
+    def _replay(self, b: StepBatch) -> torch.Tensor:
+        n = b.num_seqs
+        B = min(size for size in self.graphs if size >= n)
+        g = self.graph_batch
+        g.input_ids[:n].copy_(b.input_ids)
+        g.positions[:n].copy_(b.positions)
+        g.slot_mapping[:n].copy_(b.slot_mapping)
+        g.context_lens[:n].copy_(b.context_lens)
+        g.block_tables[:B].fill_(NULL_BLOCK)
+        g.block_tables[:n, :b.block_tables.shape[1]].copy_(b.block_tables)
+        if B > n:                                           # padded rows: null block, no keys
+            g.input_ids[n:B].zero_()
+            g.positions[n:B].zero_()
+            g.slot_mapping[n:B].zero_()
+            g.context_lens[n:B].zero_()
+        graph, logits = self.graphs[B]
+        graph.replay()
+        return logits[:n]
+
+
+def _leading_ones(qlens: list[int]) -> int:
+    n = 0
+    for q in qlens:
+        if q != 1:
+            break
+        n += 1
+    return n

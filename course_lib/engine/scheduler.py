@@ -1,0 +1,143 @@
+"""The scheduler: which requests get how many tokens computed in the next step.
+
+Continuous batching in the style of vLLM v1. There is no "prefill phase" and "decode phase":
+each request wants ``num_tokens - num_computed_tokens`` tokens computed (the whole prompt at
+first, then 1 per step), and one token budget per step, ``max_num_batched_tokens``, is shared
+by all of them. Each step:
+
+1. running requests first, oldest first: each gets what it wants, up to the budget left
+   (a long prompt gets a *chunk* when chunked prefill is on). When the pool has no block for
+   it, the newest running request is *preempted*: its blocks are freed and it goes back to
+   the front of the queue, to be recomputed later (recompute, not swap);
+2. then, if nothing was preempted, waiting requests in arrival order (first come, first
+   served) while budget, ``max_num_seqs`` and blocks last. A request's first full blocks may
+   be found in the prefix cache and are then not computed again.
+
+Introduced in notebooks/11_inside_an_engine.ipynb.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int        # tokens computed for it this step
+    start: int                 # its num_computed_tokens before the step
+
+    @property
+    def needs_logits(self) -> bool:
+        """True when this step reaches the sequence's last known token: sample the next one."""
+        return self.start + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    prefix_hits: dict[str, int] = field(default_factory=dict)   # request id -> tokens reused
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 enable_chunked_prefill: bool = True):
+        self.block_manager = block_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free_sequence(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+
+        # 1. running requests, oldest first; preempt the newest when blocks run out
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not bm.allocate(seq, n):
+                victim = self.running.pop()             # the newest running request
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
+                budget -= n
+                i += 1
+                continue
+            break                                       # seq itself was preempted
+
+        # 2. waiting requests, first come first served
+        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits = bm.find_cached_prefix(seq)
+            num_cached = len(hits) * bm.block_size
+            n = seq.num_tokens - num_cached
+            if n > budget:
+                if not self.enable_chunked_prefill:
+                    break                               # whole prompts only: wait for a bigger budget
+                n = budget
+            if not bm.allocate(seq, n, hits):
+                break
+            self.waiting.popleft()
+            if seq.first_scheduled_time is None:        # prefix-cache statistics: first admission only
+                seq.first_scheduled_time = time.perf_counter()
+                bm.num_queried_tokens += seq.num_tokens
+                bm.num_hit_tokens += num_cached
+                seq.num_cached_prompt_tokens = num_cached
+            if num_cached:
+                out.prefix_hits[seq.request_id] = num_cached
+            seq.num_computed_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, n, num_cached))
+            budget -= n
+        return out
+
+    def finish_step(self, out: SchedulerOutput) -> list[Sequence]:
+        """Advance every scheduled sequence; drop finished ones. Returns those that finished."""
+        finished = []
+        for s in out.scheduled:
+            s.seq.num_computed_tokens = s.start + s.num_new_tokens
+            if s.seq.is_finished:
+                finished.append(s.seq)
+        if finished:
+            done = set(map(id, finished))
+            self.running = [q for q in self.running if id(q) not in done]
+            for seq in finished:
+                self.block_manager.free_sequence(seq)
+        return finished

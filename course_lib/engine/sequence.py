@@ -1,0 +1,162 @@
+"""Requests and their state: :class:`SamplingParams` and :class:`Sequence`.
+
+A sequence carries everything the engine knows about one request: the prompt, the tokens
+generated so far, how many of those tokens already have K/V in the paged cache
+(``num_computed_tokens``), and the KV blocks that hold them (``block_table``).
+
+The scheduler needs only one number per request: ``num_tokens - num_computed_tokens``, the tokens
+that still want computing. For a fresh prompt that is the whole prompt (prefill), during
+generation it is 1 (the token sampled last; decode). Prefill and decode are the same computation.
+Introduced in notebooks/11_inside_an_engine.ipynb.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InputError
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each new token of one request, and when to stop.
+
+    ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` mean no filtering.
+    ``seed`` makes one request's sampling reproducible whatever else is in the batch.
+    Generation stops after ``max_tokens`` tokens, at the model's end-of-text token (unless
+    ``ignore_eos``) or at any of ``stop_token_ids``.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` for a parameter no sampler can honour."""
+        m = self.max_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise InputError(f"max_tokens must be a positive integer, got {m!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or t < 0:
+            raise InputError(f"temperature must be >= 0 (0 means greedy), got {t!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise InputError(f"top_p must be in (0, 1] (1 means no nucleus filtering), got {p!r}")
+        k = self.top_k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise InputError(f"top_k must be a non-negative integer (0 means no limit), got {k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InputError(f"seed must be an integer or None, got {self.seed!r}")
+        try:
+            self.stop_token_ids = tuple(int(i) for i in self.stop_token_ids)
+        except (TypeError, ValueError):
+            raise InputError(f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}") from None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"      # in the queue: never scheduled, or preempted (its KV was dropped)
+    RUNNING = "running"      # holds KV blocks and gets tokens computed every step
+    FINISHED = "finished"    # done; its blocks are back in the pool
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request: prompt + generated tokens, and how far the KV cache has got.
+
+    ``token_ids`` is the prompt followed by the output. ``num_computed_tokens`` of them have their
+    K/V in the blocks of ``block_table``; the rest are what the next steps must compute.
+    """
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_id: int | None = None
+    request_id: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)   # names of its full blocks
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    num_cached_prompt_tokens: int = 0   # tokens found in the prefix cache at first scheduling
+    num_preemptions: int = 0
+    generator: torch.Generator | None = None
+    # timestamps (time.perf_counter) for the request metrics
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_scheduled_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    finish_time: float | None = None
+
+    def __post_init__(self):
+        self.seq_id = next(_ids)
+        if not self.request_id:
+            self.request_id = str(self.seq_id)
+        self.token_ids = list(self.prompt_token_ids)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens without K/V yet: the whole prompt before prefill, 1 during decode."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    # ------------------------------------------------------------------ updates
+    def append_token(self, token_id: int, now: float) -> None:
+        """Add a sampled token and decide whether the request is done."""
+        self.token_ids.append(token_id)
+        self.token_times.append(now)
+        p = self.params
+        if not p.ignore_eos and self.eos_token_id is not None and token_id == self.eos_token_id:
+            self.finish("stop", now)
+        elif token_id in p.stop_token_ids:
+            self.finish("stop", now)
+        elif self.num_output_tokens >= p.max_tokens:
+            self.finish("length", now)
+
+    def finish(self, reason: str, now: float) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        self.finish_time = now
+
+    def max_kv_tokens(self) -> int:
+        """The most tokens this request can ever hold in the cache: the last sampled token is
+        never fed back, so prompt + max_tokens - 1."""
+        return self.num_prompt_tokens + self.params.max_tokens - 1
