@@ -48,9 +48,11 @@ class LLMEngine:
         self.device, self.dtype = weight.device, weight.dtype
         cuda = self.device.type == "cuda"
         self.block_size = _positive_int("block_size", block_size)
-        self.max_num_seqs = _positive_int("max_num_seqs", max_num_seqs or (256 if cuda else 64))
+        self.max_num_seqs = _positive_int(
+            "max_num_seqs", (256 if cuda else 64) if max_num_seqs is None else max_num_seqs)
         self.max_num_batched_tokens = _positive_int(
-            "max_num_batched_tokens", max_num_batched_tokens or max(8192 if cuda else 2048, cfg.n_positions))
+            "max_num_batched_tokens", max(8192 if cuda else 2048, cfg.n_positions)
+            if max_num_batched_tokens is None else max_num_batched_tokens)
         self.enable_chunked_prefill = bool(enable_chunked_prefill)
 
         num_blocks = self._num_blocks(num_kv_blocks, gpu_memory_fraction)

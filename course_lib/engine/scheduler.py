@@ -31,11 +31,10 @@ class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int        # tokens computed for it this step
     start: int                 # its num_computed_tokens before the step
+    needs_logits: bool = False  # the step reaches its last known token: sample the next one
 
-    @property
-    def needs_logits(self) -> bool:
-        """True when this step reaches the sequence's last known token: sample the next one."""
-        return self.start + self.num_new_tokens == self.seq.num_tokens
+    def __post_init__(self):
+        self.needs_logits = self.start + self.num_new_tokens == self.seq.num_tokens
 
 
 @dataclass

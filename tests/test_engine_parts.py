@@ -1,0 +1,250 @@
+"""The engine's parts one at a time: block manager, scheduler, KV pool, ledger, sampler, snapshots."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import random_model
+from course_lib.config import GPTConfig
+from course_lib.engine import LLM, SamplingParams, step_bytes, step_flops
+from course_lib.engine.block_manager import BlockManager, hash_block
+from course_lib.engine.kv_cache import PagedKVCache, kv_pool_bytes
+from course_lib.engine.metrics import non_embedding_params
+from course_lib.engine.scheduler import Scheduler
+from course_lib.engine.sequence import Sequence, SequenceStatus
+
+CFG = GPTConfig(vocab_size=101, n_positions=48, n_embd=32, n_layer=2, n_head=2)
+
+
+def _seq(ids, max_tokens=4):
+    return Sequence(list(ids), SamplingParams(max_tokens=max_tokens))
+
+
+# ---------------------------------------------------------------- block manager
+def test_blocks_cover_tokens_and_come_back():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    s = _seq(range(9))
+    assert bm.allocate(s, 9)
+    assert len(s.block_table) == 3 and 0 not in s.block_table      # block 0 is the null block
+    assert bm.num_free_blocks == 7
+    assert bm.slot(s, 5) == s.block_table[1] * 4 + 1
+    bm.free_sequence(s)
+    assert bm.num_free_blocks == 10 and all(b.ref_count == 0 for b in bm.blocks)
+
+
+def test_allocate_fails_without_change_when_pool_is_short():
+    bm = BlockManager(num_blocks=2, block_size=4)
+    s = _seq(range(9))
+    assert not bm.allocate(s, 9)
+    assert s.block_table == [] and bm.num_free_blocks == 2
+
+
+def test_only_full_blocks_are_hashed_and_shared():
+    bm = BlockManager(num_blocks=20, block_size=4)
+    a = _seq(range(10))                                            # 2 full blocks + 2 tokens
+    bm.allocate(a, 10)
+    assert len(a.block_hashes) == 2
+    assert bm.blocks[a.block_table[2]].block_hash is None          # the partial block has no name
+    assert a.block_hashes[1] == hash_block(hash_block(None, range(4)), range(4, 8))
+    b = _seq(list(range(8)) + [50, 51, 52])
+    hits = bm.find_cached_prefix(b)
+    assert hits == a.block_table[:2]
+    assert bm.allocate(b, 3, hits)
+    assert [bm.blocks[i].ref_count for i in hits] == [2, 2]
+    # a prompt that is exactly the cached blocks still computes its last token
+    c = _seq(range(8))
+    assert bm.find_cached_prefix(c) == a.block_table[:1]
+    # the same tokens after a different first block do not hit: the name covers the prefix
+    d = _seq([99] * 4 + list(range(4, 8)) + [1])
+    assert bm.find_cached_prefix(d) == []
+
+
+def test_freed_named_blocks_stay_findable_until_reused():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a = _seq([1, 2, 3, 4, 5])
+    bm.allocate(a, 5)
+    bm.free_sequence(a)
+    b = _seq([1, 2, 3, 4, 9])
+    assert len(bm.find_cached_prefix(b)) == 2
+    # fill the pool with other tokens: the named blocks are evicted, the name forgotten
+    c = _seq([7] * 8)
+    assert bm.allocate(c, 8)
+    assert bm.find_cached_prefix(b) == []
+
+
+# ---------------------------------------------------------------- scheduler
+def _scheduler(num_blocks=100, budget=10, max_seqs=8, chunked=True, block_size=4):
+    bm = BlockManager(num_blocks, block_size)
+    return Scheduler(bm, budget, max_seqs, chunked)
+
+
+def _run_step(sched):
+    out = sched.schedule()
+    for s in out.scheduled:
+        if s.needs_logits:
+            s.seq.append_token(7, 0.0)
+    sched.finish_step(out)
+    return out
+
+
+def test_one_budget_shared_by_decodes_and_prefill_chunks():
+    sched = _scheduler(budget=10)
+    a, b = _seq(range(1, 7), max_tokens=5), _seq(range(20, 35), max_tokens=5)
+    sched.add(a), sched.add(b)
+    out = _run_step(sched)
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(a, 6), (b, 4)]   # b gets a chunk
+    out = _run_step(sched)
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(a, 1), (b, 9)]   # decode + chunk
+    assert not out.scheduled[1].needs_logits
+    out = _run_step(sched)
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(a, 1), (b, 2)]
+    assert out.scheduled[1].needs_logits and b.num_output_tokens == 1
+
+
+def test_chunked_prefill_off_admits_whole_prompts_only():
+    sched = _scheduler(budget=10, chunked=False)
+    a, b = _seq(range(1, 7)), _seq(range(20, 28))
+    sched.add(a), sched.add(b)
+    out = _run_step(sched)
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(a, 6)]
+    out = _run_step(sched)
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(a, 1), (b, 8)]
+
+
+def test_max_num_seqs_and_fcfs():
+    sched = _scheduler(budget=100, max_seqs=2)
+    seqs = [_seq([i + 1] * 3) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    out = _run_step(sched)
+    assert [s.seq for s in out.scheduled] == seqs[:2]
+    assert list(sched.waiting) == seqs[2:]
+
+
+def test_preemption_takes_the_newest_and_requeues_it_first():
+    sched = _scheduler(num_blocks=4, budget=100, block_size=4)
+    a, b = _seq(range(1, 8), max_tokens=9), _seq(range(10, 17), max_tokens=9)
+    sched.add(a), sched.add(b)
+    _run_step(sched)                                  # both prefilled: 2 blocks each, pool full
+    assert sched.block_manager.num_free_blocks == 0
+    out = _run_step(sched)                            # a's 8th token needs... still in block 2
+    out = _run_step(sched)                            # a needs a 3rd block: b (newest) is preempted
+    assert out.preempted == [b] and b.status == SequenceStatus.WAITING
+    assert b.num_computed_tokens == 0 and b.block_table == [] and sched.waiting[0] is b
+    assert [s.seq for s in out.scheduled] == [a]
+    while sched.has_unfinished():
+        _run_step(sched)
+    assert a.num_output_tokens == 9 and b.num_output_tokens == 9
+    assert sched.block_manager.num_free_blocks == 4
+
+
+# ---------------------------------------------------------------- KV pool
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_pool_bytes_formula_equals_allocation(dtype):
+    kv = PagedKVCache(CFG, num_blocks=13, block_size=7, dtype=dtype)
+    elem = 4 if dtype == torch.float32 else 2
+    by_hand = 2 * CFG.n_layer * (13 + 1) * 7 * CFG.n_head * CFG.head_dim * elem
+    assert kv.nbytes() == kv_pool_bytes(CFG, 13, 7, dtype) == by_hand
+    assert kv.k[1].shape == (14, 7, CFG.n_head, CFG.head_dim)
+
+
+def test_kv_write_then_gather_roundtrip():
+    kv = PagedKVCache(CFG, num_blocks=5, block_size=3)
+    k = torch.randn(4, CFG.n_head, CFG.head_dim)
+    slots = torch.tensor([13, 3, 4, 9])
+    kv.write(1, k, -k, slots)
+    keys, values = kv.gather(1, slots)
+    assert torch.equal(keys, k) and torch.equal(values, -k)
+    assert torch.equal(kv.k[1][4, 1], k[0])           # slot 13 = block 4, offset 1
+
+
+# ---------------------------------------------------------------- ledger
+def test_ledger_flops_and_bytes_equal_hand_counts():
+    D, L, V, F = CFG.n_embd, CFG.n_layer, CFG.vocab_size, CFG.mlp_dim
+    N = L * (D * 3 * D + 3 * D + D * D + D + D * F + F + F * D + D + 4 * D) + 2 * D
+    assert non_embedding_params(CFG) == N == GPTModelCount()
+    # a step with a fresh 5-token prompt, a 3-token chunk after 4 cached tokens, a decode at context 10
+    q, c = [5, 3, 1], [5, 7, 10]
+    keys_seen = (1 + 2 + 3 + 4 + 5) + (5 + 6 + 7) + 10
+    flops = 2 * N * 9 + 4 * L * D * keys_seen + 2 * D * V * 2
+    assert step_flops(CFG, q, c, num_logit_rows=2) == flops
+    assert step_bytes(CFG, c, num_logit_rows=2, bytes_per_element=2) == 2 * (N + V * D + 2 * L * D * 22)
+    assert step_bytes(CFG, c, num_logit_rows=0, bytes_per_element=4) == 4 * (N + 2 * L * D * 22)
+
+
+def GPTModelCount():
+    return random_model(CFG).num_params(non_embedding=True)
+
+
+def test_engine_ledger_matches_formula_per_step():
+    llm = LLM(random_model(CFG), block_size=4, max_num_batched_tokens=8, peak_flops=1e12, peak_bandwidth=1e11,
+              snapshot=True)
+    llm.generate([[1] * 11, [2] * 3], SamplingParams(max_tokens=3))
+    recs = llm.ledger.records
+    # step 0: 8 of the 11-token prompt (no logits); step 1: last 3 + the 3-token prompt, both sample
+    assert [(r.num_prefill_tokens, r.num_decode_tokens, r.num_logit_rows) for r in recs[:2]] == [(8, 0, 0), (6, 0, 2)]
+    assert recs[0].flops == step_flops(CFG, [8], [8], 0)
+    assert recs[1].flops == step_flops(CFG, [3, 3], [11, 3], 2)
+    assert recs[2].bytes == step_bytes(CFG, [12, 4], 2, 4)
+    for r in recs:
+        assert r.mfu == pytest.approx(r.flops / r.seconds / 1e12)
+        assert r.mbu == pytest.approx(r.bytes / r.seconds / 1e11)
+
+
+# ---------------------------------------------------------------- sampling, metrics, snapshots
+def test_seeded_sampling_is_reproducible_and_batch_independent():
+    model = random_model(CFG)
+    p = SamplingParams(max_tokens=12, temperature=1.3, top_k=20, top_p=0.9, seed=123, ignore_eos=True)
+    prompt = [3, 1, 4, 1, 5]
+    alone = LLM(model, block_size=4).generate([prompt], p)[0].token_ids
+    others = [SamplingParams(max_tokens=7, temperature=0.8, seed=s) for s in range(3)]
+    batched = LLM(model, block_size=4).generate([[9, 9], prompt, [2] * 7, [5]], [others[0], p, others[1], others[2]])
+    assert batched[1].token_ids == alone
+    other_seed = SamplingParams(max_tokens=12, temperature=1.3, top_k=20, top_p=0.9, seed=124, ignore_eos=True)
+    assert LLM(model, block_size=4).generate([prompt], other_seed)[0].token_ids != alone
+
+
+def test_top_k_one_is_greedy_and_stop_tokens_stop():
+    model = random_model(CFG)
+    llm = LLM(model, block_size=4)
+    greedy = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    top1 = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=2.0, top_k=1, seed=0,
+                                                     ignore_eos=True))[0].token_ids
+    assert top1 == greedy
+    stop = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=8, stop_token_ids=[greedy[2]], ignore_eos=True))[0]
+    assert stop.token_ids == greedy[:greedy.index(greedy[2]) + 1] and stop.finish_reason == "stop"
+
+
+def test_eos_stops_unless_ignored():
+    model = random_model(CFG)
+    llm = LLM(model, block_size=4)
+    ids = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
+    model.config.eos_token_id = ids[1]
+    llm = LLM(model, block_size=4)
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=6))[0]
+    assert out.token_ids == ids[:ids.index(ids[1]) + 1] and out.finish_reason == "stop"
+    model.config.eos_token_id = 0
+
+
+def test_request_metrics_are_consistent():
+    llm = LLM(random_model(CFG), block_size=4)
+    out = llm.generate([[1, 2, 3], [4] * 9], SamplingParams(max_tokens=5, ignore_eos=True))
+    for o in out:
+        m = o.metrics
+        assert m.num_output_tokens == 5 and len(m.itl) == 4
+        assert 0 < m.ttft <= m.latency
+        assert m.tpot == pytest.approx(sum(m.itl) / 4)
+
+
+def test_snapshots_record_decisions_and_are_off_by_default():
+    model = random_model(CFG)
+    assert LLM(model, block_size=4).snapshots is None
+    llm = LLM(model, block_size=4, max_num_batched_tokens=6, snapshot=True)
+    llm.generate([[1] * 9, [2] * 2], SamplingParams(max_tokens=2, ignore_eos=True))
+    s0, s1 = llm.snapshots[:2]
+    assert [(d["num_tokens"], d["kind"]) for d in s0.scheduled] == [(6, "prefill")]
+    assert len(s0.slot_mapping) == 6 and s0.block_tables["%s" % s0.scheduled[0]["request_id"]]
+    assert sum(d["num_tokens"] for d in s1.scheduled) <= 6
+    table = s0.block_tables[s0.scheduled[0]["request_id"]]
+    assert s0.slot_mapping == [table[t // 4] * 4 + t % 4 for t in range(6)]
