@@ -38,7 +38,8 @@ def _paged_decode_kernel(
     m = tl.full((), float("-inf"), tl.float32)     # running max of the scores
     l = tl.full((), 0.0, tl.float32)               # running sum of exp(score - m)
     acc = tl.zeros((HEAD_DIM_P2,), tl.float32)     # running sum of exp(score - m) * v
-    for start in range(0, context, BLOCK_N):
+    start = tl.full((), 0, tl.int32)
+    while start < context:                         # (a while loop: the interpreter cannot range() over a loaded value)
         t = start + tl.arange(0, BLOCK_N)          # token positions of this tile
         t_ok = t < context
         block = tl.load(tables_ptr + seq * stride_tb + t // BLOCK_SIZE, mask=t_ok, other=0)
@@ -54,6 +55,7 @@ def _paged_decode_kernel(
         l = l * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m = m_new
+        start += BLOCK_N
     out = acc / tl.maximum(l, 1e-30)               # context 0 (a padded row): zeros, not NaN
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
