@@ -129,7 +129,7 @@ def steps_figure(steps: dict, labels, query_index: int | None = None, bar: bool 
         raise InputError(f"steps has none of {list(STEP_TITLES)}; got {list(steps)}")
     n = len(names)
     T = as_array(steps[names[0]]).shape[0]
-    width = max(2.6, 0.32 * T + 1.2)
+    width = min(3.6, max(2.6, 0.2 * T + 1.2))
     if bar and query_index is not None:
         fig = plt.figure(figsize=(width * n, width + 2.6))
         gs = fig.add_gridspec(2, n, height_ratios=[width, 2.2], hspace=0.55)
@@ -144,8 +144,8 @@ def steps_figure(steps: dict, labels, query_index: int | None = None, bar: bool 
         kw = {}
         if name == "mask":
             kw = dict(cmap="Greys", vmin=0, vmax=1.6, fmt="{:.0f}")
-        elif name == "weights":
-            kw = dict(cmap="Blues", vmin=0, vmax=1)
+        elif name == "weights":   # scaled to the largest weight so that flat rows still show
+            kw = dict(cmap="Blues", vmin=0, vmax=max(0.05, float(m.max())))
         else:
             kw = dict(cmap="coolwarm")
             finite = m[np.isfinite(m)]
