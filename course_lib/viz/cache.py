@@ -52,7 +52,7 @@ def draw_cache_view(view: dict, fig=None):
     colors = ["#7fa7d6" if i < P else "#d6604d" for i in range(S)]
     ax_att.bar(x, view["attn"], color=colors)
     ax_att.set_xlim(-0.5, M - 0.5)
-    ax_att.set_ylim(0, 1.0)
+    ax_att.set_ylim(0, min(1.0, 1.15 * float(np.max(view["attn"]))))
     ax_att.set_title(f"query '{view['query']}' (position {S - 1}) against the {S} cached keys\n"
                      f"→ next token '{view['next_token']}'", fontsize=9)
     ax_att.set_ylabel("attention weight")
