@@ -1,0 +1,57 @@
+"""The command line and the benchmark script, end to end on CPU (tiny shapes)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def _run(*args, timeout=120):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_generate_tiny_matches_library():
+    r = _run("-m", "course_lib.engine", "generate", "--model", "tiny", "--prompt", "def ", "--max-tokens", "12",
+             "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    from course_lib.engine import LLM, SamplingParams
+
+    text = LLM("tiny").generate("def ", SamplingParams(max_tokens=12, ignore_eos=True))[0].text
+    assert repr(text) in r.stdout and "12 tokens" in r.stdout
+
+
+def test_cli_generate_bad_input_is_a_clear_error():
+    r = _run("-m", "course_lib.engine", "generate", "--model", "tiny", "--prompt", "x", "--max-tokens", "0")
+    assert r.returncode == 2 and "max_tokens must be a positive integer" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_bench_smoke():
+    r = _run("-m", "course_lib.engine", "bench", "--model", "smoke", "--batches", "1,2", "--prompt-len", "32",
+             "--context", "16", "--decode-steps", "4", "--num-requests", "3", "--serving-min-len", "4",
+             "--serving-max-len", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {x["workload"] for x in data["runs"]} == {"prefill", "decode", "serving"}
+    assert all(x["tokens_per_s"] > 0 for x in data["runs"])
+
+
+def test_bench_script_smoke_writes_results(tmp_path):
+    pytest.importorskip("transformers")
+    r = _run("benchmarks/bench_engine.py", "--smoke", "--out", str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (path,) = tmp_path.glob("*_smoke.json")
+    data = json.loads(path.read_text())
+    assert {"device", "torch", "transformers", "ceilings", "runs"} <= set(data)
+    assert set(data["ceilings"]) == {"matmul_bf16_tflops", "copy_gbps"}
+    keys = {"system", "model", "workload", "batch", "prompt_len", "context", "tokens_per_s", "mfu", "mbu"}
+    assert all(keys <= set(run) for run in data["runs"])
+    systems = {(x["system"], x["workload"]) for x in data["runs"] if x["tokens_per_s"]}
+    assert {("engine", "prefill"), ("engine", "decode"), ("engine", "serving"),
+            ("hf-generate", "prefill"), ("hf-generate", "decode")} <= systems
+    assert "| model | workload |" in r.stdout
