@@ -248,3 +248,51 @@ def test_snapshots_record_decisions_and_are_off_by_default():
     assert sum(d["num_tokens"] for d in s1.scheduled) <= 6
     table = s0.block_tables[s0.scheduled[0]["request_id"]]
     assert s0.slot_mapping == [table[t // 4] * 4 + t % 4 for t in range(6)]
+
+
+def test_logprobs_top_k_and_chosen_token():
+    model = random_model(CFG)
+    llm = LLM(model, block_size=4)
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, logprobs=3, ignore_eos=True))[0]
+    assert len(out.logprobs) == 4
+    logits = model(torch.tensor([[5, 6, 7]]))[0, -1]
+    want = torch.log_softmax(logits, -1)
+    first = out.logprobs[0]
+    assert max(first, key=first.get) == out.token_ids[0] == int(want.argmax())
+    for tok, lp in first.items():
+        assert lp == pytest.approx(want[tok].item(), abs=1e-4)
+    assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].logprobs is None
+
+
+def test_graph_replay_bookkeeping_on_cpu():
+    """The CUDA-graph path's static buffers, bucketing and padding, with an eager stand-in for
+    the graph (CPU has no CUDA graphs): tokens equal the plain engine's."""
+    model = random_model(CFG)
+    prompts = [[i + 1] * (3 + 2 * i) for i in range(5)]
+    p = SamplingParams(max_tokens=9, ignore_eos=True)
+    want = [o.token_ids for o in LLM(model, block_size=4).generate(prompts, p)]
+
+    llm = LLM(model, block_size=4, attention="sdpa")      # the graph-safe decode path
+    runner = llm.engine.runner
+    runner.allocate_static_batch(8)
+    replays = []
+
+    class EagerGraph:
+        def __init__(self, B):
+            self.B, self.out = B, torch.zeros(B, CFG.vocab_size)
+
+        def replay(self):
+            replays.append(self.B)
+            view = runner._graph_view(self.B)
+            assert view.block_tables.shape[1] == runner.max_blocks_per_seq
+            self.out.copy_(runner.forward(view))
+
+    for B in (1, 2, 4, 8):
+        g = EagerGraph(B)
+        runner.graphs[B] = (g, g.out)
+    got = [o.token_ids for o in llm.generate(prompts, p)]
+    assert got == want
+    assert 8 in replays and set(replays) <= {1, 2, 4, 8}        # 5 sequences run in the 8-bucket
+    assert llm.engine.kv_cache.k[0][0].abs().sum() > 0           # padded rows wrote to the null block...
+    llm.engine.kv_cache.pool[:, :, 0] = 1e4                       # ...which never weighs in for a real one
+    assert [o.token_ids for o in llm.generate(prompts, p)] == want

@@ -37,6 +37,7 @@ class AttentionBackend:
     tokens' ``(N, H, Dh)`` and ``batch`` a :class:`~course_lib.engine.runner.StepBatch`."""
 
     name = "base"
+    graph_safe = False     # decode reads only device tensors: a CUDA graph can capture it
 
     def forward(self, q, k, v, kv: PagedKVCache, layer: int, batch) -> torch.Tensor:
         out = torch.empty_like(q)
@@ -78,6 +79,7 @@ class SDPAAttention(AttentionBackend):
     """PyTorch's fused attention; decode rows batched with fixed shapes (CUDA-graph safe)."""
 
     name = "sdpa"
+    graph_safe = True
 
     def prefill(self, q, k, v, kv, layer, batch, i):
         n = q.shape[0]

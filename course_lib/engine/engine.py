@@ -64,9 +64,14 @@ class LLMEngine:
         self.ledger = Ledger(cfg, self.kv_cache.pool.element_size(), peak_flops, peak_bandwidth)
         self.snapshots: list[StepSnapshot] | None = [] if snapshot else None
         self.num_steps = 0
-        if cuda if cuda_graphs is None else cuda_graphs:
+        if cuda_graphs is None:
+            cuda_graphs = cuda and self.runner.attention.graph_safe
+        if cuda_graphs:
             if not cuda:
                 raise ConfigError("cuda_graphs=True needs a CUDA device")
+            if not self.runner.attention.graph_safe:
+                raise ConfigError(f"attention={self.runner.attention.name!r} reads host-side lengths and "
+                                  "cannot be captured in a CUDA graph; use 'sdpa' or 'triton', or cuda_graphs=False")
             sizes = [b for b in (1, 2, 4, 8) if b <= self.max_num_seqs]
             sizes += list(range(16, min(self.max_num_seqs, 512) + 1, 16))
             self.runner.capture_cuda_graphs(sizes)

@@ -99,6 +99,7 @@ class RequestOutput:
     text: str | None                # decoded generated tokens (when there is a tokenizer)
     finish_reason: str              # "length", "stop" or "abort"
     metrics: RequestMetrics
+    logprobs: list[dict[int, float]] | None = None   # per token {token id: log-prob}, with SamplingParams(logprobs=k)
 
 
 @dataclass
@@ -202,4 +203,5 @@ class LLM:
 
     def _output(self, i: int, seq: Sequence) -> RequestOutput:
         return RequestOutput(i, seq.request_id, list(seq.prompt_token_ids), seq.output_token_ids,
-                             self._text(seq.output_token_ids), seq.finish_reason, request_metrics(seq))
+                             self._text(seq.output_token_ids), seq.finish_reason, request_metrics(seq),
+                             seq.logprobs if seq.params.logprobs else None)

@@ -43,16 +43,21 @@ def attention_keys_seen(query_len: int, context_len: int) -> int:
     return query_len * context_len - query_len * (query_len - 1) // 2
 
 
-def step_flops(config: GPTConfig, query_lens: list[int], context_lens: list[int], num_logit_rows: int) -> int:
+def step_flops(config: GPTConfig, query_lens: list[int], context_lens: list[int], num_logit_rows: int,
+               n_params: int | None = None) -> int:
+    """``n_params`` (= :func:`non_embedding_params`) may be passed in to skip recounting it."""
     D, L, V = config.n_embd, config.n_layer, config.vocab_size
+    N = non_embedding_params(config) if n_params is None else n_params
     tokens = sum(query_lens)
     attn = sum(4 * L * D * attention_keys_seen(q, c) for q, c in zip(query_lens, context_lens))
-    return 2 * non_embedding_params(config) * tokens + attn + 2 * D * V * num_logit_rows
+    return 2 * N * tokens + attn + 2 * D * V * num_logit_rows
 
 
-def step_bytes(config: GPTConfig, context_lens: list[int], num_logit_rows: int, bytes_per_element: int) -> int:
+def step_bytes(config: GPTConfig, context_lens: list[int], num_logit_rows: int, bytes_per_element: int,
+               n_params: int | None = None) -> int:
     D, L, V = config.n_embd, config.n_layer, config.vocab_size
-    weights = non_embedding_params(config) + (V * D if num_logit_rows else 0)
+    N = non_embedding_params(config) if n_params is None else n_params
+    weights = N + (V * D if num_logit_rows else 0)
     kv = sum(2 * L * D * c for c in context_lens)
     return (weights + kv) * bytes_per_element
 
@@ -85,9 +90,12 @@ class Ledger:
     peak_bandwidth: float | None = None      # bytes/s, measured
     records: list[StepRecord] = field(default_factory=list)
 
+    def __post_init__(self):
+        self.n_params = non_embedding_params(self.config)
+
     def add(self, query_lens: list[int], context_lens: list[int], num_logit_rows: int, seconds: float) -> StepRecord:
-        flops = step_flops(self.config, query_lens, context_lens, num_logit_rows)
-        nbytes = step_bytes(self.config, context_lens, num_logit_rows, self.bytes_per_element)
+        flops = step_flops(self.config, query_lens, context_lens, num_logit_rows, self.n_params)
+        nbytes = step_bytes(self.config, context_lens, num_logit_rows, self.bytes_per_element, self.n_params)
         rec = StepRecord(
             step=len(self.records), num_seqs=len(query_lens),
             num_prefill_tokens=sum(q for q in query_lens if q > 1),

@@ -151,18 +151,22 @@ class ModelRunner:
         return self.forward(b)
 
     # ------------------------------------------------------------------ CUDA graphs
+    def allocate_static_batch(self, max_batch: int) -> None:
+        """Fixed buffers a captured graph reads: the decode batch of ``max_batch`` rows."""
+        M, dev = self.max_blocks_per_seq, self.device
+        self.graph_batch = StepBatch(
+            input_ids=torch.zeros(max_batch, dtype=torch.long, device=dev),
+            positions=torch.zeros(max_batch, dtype=torch.long, device=dev),
+            slot_mapping=torch.zeros(max_batch, dtype=torch.long, device=dev),   # slot 0: the null block
+            query_start=list(range(max_batch + 1)), key_start=list(range(max_batch + 1)),
+            context_lens=torch.zeros(max_batch, dtype=torch.int32, device=dev),
+            context_lens_host=[1] * max_batch,
+            block_tables=torch.full((max_batch, M), NULL_BLOCK, dtype=torch.int32, device=dev),
+            logits_indices=torch.arange(max_batch, device=dev), num_decodes=max_batch)
+
     def capture_cuda_graphs(self, batch_sizes: list[int]) -> None:
         """Capture the decode forward for each batch size (largest first, one memory pool)."""
-        Bmax, M, dev = max(batch_sizes), self.max_blocks_per_seq, self.device
-        self.graph_batch = StepBatch(
-            input_ids=torch.zeros(Bmax, dtype=torch.long, device=dev),
-            positions=torch.zeros(Bmax, dtype=torch.long, device=dev),
-            slot_mapping=torch.zeros(Bmax, dtype=torch.long, device=dev),   # slot 0: the null block
-            query_start=list(range(Bmax + 1)), key_start=list(range(Bmax + 1)),
-            context_lens=torch.zeros(Bmax, dtype=torch.int32, device=dev),
-            context_lens_host=[1] * Bmax,
-            block_tables=torch.full((Bmax, M), NULL_BLOCK, dtype=torch.int32, device=dev),
-            logits_indices=torch.arange(Bmax, device=dev), num_decodes=Bmax)
+        self.allocate_static_batch(max(batch_sizes))
         pool = torch.cuda.graph_pool_handle()
         for B in sorted(batch_sizes, reverse=True):
             view = self._graph_view(B)

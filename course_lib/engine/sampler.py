@@ -26,4 +26,13 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         if seq.generator is None and p.seed is not None:
             seq.generator = torch.Generator(device=logits.device).manual_seed(p.seed)
         tokens[row] = torch.multinomial(probs, 1, generator=seq.generator)[0, 0]
-    return tokens.tolist()
+    tokens = tokens.tolist()
+    for row, seq in enumerate(seqs):                                # top log-probabilities, when asked
+        k = seq.params.logprobs
+        if k:
+            logp = torch.log_softmax(logits[row].float(), dim=-1)  # (V,)
+            top = torch.topk(logp, min(k, logp.shape[0]))
+            entry = dict(zip(top.indices.tolist(), top.values.tolist()))
+            entry[tokens[row]] = logp[tokens[row]].item()           # the chosen token, always
+            seq.logprobs.append(entry)
+    return tokens

@@ -40,6 +40,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int = 0          # also return the log-probabilities of this many top tokens per step
 
     def __post_init__(self):
         self.validate()
@@ -58,6 +59,9 @@ class SamplingParams:
         k = self.top_k
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise InputError(f"top_k must be a non-negative integer (0 means no limit), got {k!r}")
+        lp = self.logprobs
+        if isinstance(lp, bool) or not isinstance(lp, int) or lp < 0:
+            raise InputError(f"logprobs must be a non-negative integer (0: none), got {lp!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise InputError(f"seed must be an integer or None, got {self.seed!r}")
         try:
@@ -104,6 +108,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.perf_counter)
     first_scheduled_time: float | None = None
     token_times: list[float] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)   # per output token, when asked
     finish_time: float | None = None
 
     def __post_init__(self):
