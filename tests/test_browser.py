@@ -1,0 +1,172 @@
+"""A real browser drives notebook 03 in JupyterLab: run all cells, move the query-token slider, and
+check that the attention weights shown by the widget change.
+
+JupyterLab runs on a free port of 127.0.0.1 with a random token, on a temporary copy of the
+notebook; Debian's Chromium (``/usr/bin/chromium``) is driven by Playwright. Screenshots before and
+after the slider moves go to ``figures/browser_03_before.png`` and ``figures/browser_03_after.png``.
+Skipped when Chromium or Playwright is missing. The server is always stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = "03_scores_mask_softmax.ipynb"
+CHROMIUM = "/usr/bin/chromium"
+FIGURES = ROOT / "figures"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_server(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"jupyter lab exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"jupyter lab did not answer {url} within {timeout} s")
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A JupyterLab server on a copy of notebook 03; yields (base_url, token)."""
+    work = tmp_path / "nb"
+    work.mkdir()
+    shutil.copy(ROOT / "notebooks" / NOTEBOOK, work / NOTEBOOK)
+    settings = tmp_path / "settings" / "@jupyterlab" / "notebook-extension"
+    settings.mkdir(parents=True)
+    # render every cell (no virtual scrolling), so the widget's output is in the page
+    (settings / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
+    apputils = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
+    apputils.mkdir(parents=True)
+    (apputils / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    port, token = free_port(), secrets.token_hex(16)
+    jupyter = Path(sys.executable).parent / "jupyter"
+    cmd = [str(jupyter), "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+           f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
+           f"--ServerApp.root_dir={work}", f"--LabApp.user_settings_dir={tmp_path / 'settings'}",
+           f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}", "--LabApp.expose_app_in_browser=True",
+           "--ServerApp.port_retries=0"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")
+    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp_path / "jupyter_config"), PYTHONUNBUFFERED="1")
+    log = open(tmp_path / "jupyter.log", "w")
+    proc = subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for_server(f"http://127.0.0.1:{port}/api/status?token={token}", proc)
+        yield f"http://127.0.0.1:{port}", token
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)          # the server and the kernels it started
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+        log.close()
+
+
+def widget_text(page) -> str:
+    """The text the attention widget prints: its query's row of weights."""
+    loc = page.locator(".jp-OutputArea-output pre", has_text="weight on future tokens")
+    return loc.first.inner_text() if loc.count() else ""
+
+
+def wait_until(predicate, timeout: float, what: str, page=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if page is not None:
+            page.wait_for_timeout(300)
+        else:
+            time.sleep(0.3)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_query_slider_changes_the_weights(lab):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    base, token = lab
+    FIGURES.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}", wait_until="domcontentloaded")
+            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=90_000)
+            # the kernel is up and idle before we run anything
+            wait_until(lambda: page.evaluate(
+                "() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+                " const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;"
+                " return !!k && k.status === 'idle'; }"), 90, "an idle kernel", page)
+            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+
+            # every cell has run once the widget's weights are on the page and the kernel is idle again
+            wait_until(lambda: "weight on future tokens" in widget_text(page), 120, "the attention widget", page)
+            wait_until(lambda: page.evaluate(
+                "() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'"),
+                120, "the kernel to finish", page)
+            errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
+                                  has_text="Error")
+            assert errors.count() == 0, errors.first.inner_text()
+
+            before = widget_text(page)
+            m = re.search(r"query (\d+) ", before)
+            assert m, before
+            q_before = int(m.group(1))
+            slider = page.locator(".widget-slider", has_text="query token").first
+            slider.scroll_into_view_if_needed()
+            box = page.locator(".jp-OutputArea-output", has=slider).first
+            img_before = box.locator("img").first.get_attribute("src")
+            box.screenshot(path=str(FIGURES / "browser_03_before.png"))
+
+            handle = slider.locator(".noUi-handle").first
+            handle.focus()
+            for _ in range(2):
+                page.keyboard.press("ArrowRight")
+            after = wait_until(lambda: (t := widget_text(page)) != before and f"query {q_before + 2} " in t and t,
+                               60, "the weights to change", page)
+            wait_until(lambda: box.locator("img").first.get_attribute("src") != img_before, 30, "a new figure", page)
+            page.wait_for_timeout(500)
+            box.screenshot(path=str(FIGURES / "browser_03_after.png"))
+
+            weights_before = before.split("weights", 1)[1].split("\n")[0]
+            weights_after = after.split("weights", 1)[1].split("\n")[0]
+            assert weights_after != weights_before
+            assert "weight on future tokens: 0.000" in after    # the mask is still on
+        finally:
+            browser.close()
+    assert (FIGURES / "browser_03_before.png").stat().st_size > 10_000
+    assert (FIGURES / "browser_03_after.png").stat().st_size > 10_000
