@@ -66,3 +66,33 @@ def head_scores_figure(scores: dict[str, np.ndarray], title: str | None = None):
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def delimiter_ids(tokenizer) -> set[int]:
+    """Ids of tokens that are punctuation marks or contain a newline: the "marked tokens"."""
+    return {i for i, t in enumerate(tokenizer.id_to_token) if t.strip() in {".", ",", ":", "(", ")"} or "\n" in t}
+
+
+@torch.no_grad()
+def measure_heads(model, ids: list[int], window: int = 64, stride: int = 97, max_windows: int = 24,
+                  marked_ids: set[int] | None = None) -> tuple[dict[str, np.ndarray], list[list[int]]]:
+    """Average :func:`head_pattern_scores` over windows of ``ids`` (e.g. held-out text).
+
+    Returns (name → (L, H) mean scores, the windows used).
+    """
+    from ..model import Trace
+
+    if window > model.config.n_positions:
+        raise InputError(f"window {window} is longer than the model's context {model.config.n_positions}")
+    windows = [ids[s:s + window] for s in range(0, len(ids) - window, stride)][:max_windows]
+    if not windows:
+        raise InputError(f"need more than {window} token ids to measure heads, got {len(ids)}")
+    device = model.transformer.wte.weight.device
+    totals = None
+    for w in windows:
+        trace = Trace()
+        model(torch.tensor([w], device=device), trace=trace)
+        marked = None if marked_ids is None else np.array([t in marked_ids for t in w])
+        s = head_pattern_scores(layer_weights(trace, model.config.n_layer), marked=marked)
+        totals = s if totals is None else {k: totals[k] + s[k] for k in s}
+    return {k: v / len(windows) for k, v in totals.items()}, windows
