@@ -42,7 +42,7 @@ class StepBatch:
     key_start: list[int]           # (B + 1) cumulative context lengths (cu_seqlens_k)
     context_lens: torch.Tensor     # (B,) keys each sequence attends to: cached + new
     context_lens_host: list[int]   # the same on the host, for per-sequence loops
-    block_tables: torch.Tensor     # (B, M) int32, padded with the null block
+    block_tables: torch.Tensor     # (B, M) block ids, padded with the null block
     logits_indices: torch.Tensor   # (R,) rows of the flat batch that need logits
     num_decodes: int
     seqs: list[ScheduledSeq] = field(default_factory=list)   # in batch order
@@ -90,35 +90,33 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ metadata
     def prepare(self, sched: SchedulerOutput) -> StepBatch:
-        """Scheduler output → flat batch tensors (built on the host, copied once)."""
+        """Scheduler output → flat batch tensors, built on the host and copied in one transfer."""
         seqs = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)   # decodes first (stable)
         bs = self.kv.block_size
         qlens = [s.num_new_tokens for s in seqs]
         ctx = [s.start + s.num_new_tokens for s in seqs]
         width = max(len(s.seq.block_table) for s in seqs)
-        tables = torch.full((len(seqs), width), NULL_BLOCK, dtype=torch.int32)
         ids, positions = [], []
-        for i, s in enumerate(seqs):
-            tables[i, :len(s.seq.block_table)] = torch.tensor(s.seq.block_table, dtype=torch.int32)
+        for s in seqs:
             ids.extend(s.seq.token_ids[s.start:s.start + s.num_new_tokens])
-            positions.append(torch.arange(s.start, s.start + s.num_new_tokens))
-        pos = torch.cat(positions)                                          # (N,)
+            positions.extend(range(s.start, s.start + s.num_new_tokens))
+        tables = torch.tensor([s.seq.block_table + [NULL_BLOCK] * (width - len(s.seq.block_table))
+                               for s in seqs], dtype=torch.long)                # (B, M)
+        pos = torch.tensor(positions, dtype=torch.long)                         # (N,)
         seq_of_row = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(qlens))
-        slots = tables[seq_of_row, pos // bs].long() * bs + pos % bs        # (N,)
+        slots = tables[seq_of_row, pos // bs] * bs + pos % bs                   # (N,)
         qstart = _cumsum(qlens)
         logit_rows = [qstart[i + 1] - 1 for i, s in enumerate(seqs) if s.needs_logits]
-        dev = self.device
+        # one host→device copy for everything, then views into it
+        parts = [torch.tensor(ids, dtype=torch.long), pos, slots, torch.tensor(ctx, dtype=torch.long),
+                 torch.tensor(logit_rows, dtype=torch.long), tables.flatten()]
+        flat = torch.cat(parts).to(self.device, non_blocking=True)
+        ids_d, pos_d, slots_d, ctx_d, rows_d, tables_d = flat.split([p.numel() for p in parts])
         return StepBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
-            positions=pos.to(dev, non_blocking=True),
-            slot_mapping=slots.to(dev, non_blocking=True),
-            query_start=qstart, key_start=_cumsum(ctx),
-            context_lens=torch.tensor(ctx, dtype=torch.int32).to(dev, non_blocking=True),
-            context_lens_host=ctx,
-            block_tables=tables.to(dev, non_blocking=True),
-            logits_indices=torch.tensor(logit_rows, dtype=torch.long).to(dev, non_blocking=True),
-            num_decodes=_leading_ones(qlens),
-            seqs=seqs)
+            input_ids=ids_d, positions=pos_d, slot_mapping=slots_d,
+            query_start=qstart, key_start=_cumsum(ctx), context_lens=ctx_d, context_lens_host=ctx,
+            block_tables=tables_d.view(len(seqs), width), logits_indices=rows_d,
+            num_decodes=_leading_ones(qlens), seqs=seqs)
 
     # ------------------------------------------------------------------ compute
     def mlp(self, block, h: torch.Tensor) -> torch.Tensor:
