@@ -310,7 +310,8 @@ def device_name(device="cpu") -> str:
                     break
     except OSError:
         pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{model} ({n} thread{'' if n == 1 else 's'})"
 
 
 def device_slug(device="cpu") -> str:
@@ -318,7 +319,7 @@ def device_slug(device="cpu") -> str:
     dev = torch.device(device)
     name = device_name(dev)
     if dev.type == "cpu":
-        name = "cpu " + name.replace("(", "").replace(" threads)", "t").replace(")", "")
+        name = "cpu " + re.sub(r" \((\d+) threads?\)", r" \1t", name)
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
@@ -400,6 +401,16 @@ def measure_bandwidth(device="cpu", nbytes: int | None = None, repeats: int = 5)
     return 2 * src.numel() * 4 / min(times), times
 
 
+def time_matmul(m: int, n: int, k: int, device="cpu", dtype=None, repeats: int = 5) -> float:
+    """Median seconds of ``(m, k) @ (k, n)``: a GEMV when ``m == 1``, a GEMM otherwise."""
+    _check_positive(m=m, n=n, k=k)
+    dev = torch.device(device)
+    dtype = dtype or default_dtype(dev)
+    a = torch.randn(m, k, device=dev).to(dtype)
+    w = torch.randn(k, n, device=dev).to(dtype)
+    return median(time_fn(lambda: a @ w, dev, repeats=repeats, warmup=1))
+
+
 def measure_ceilings(device="cpu", dtype=None, matmul_n: int | None = None,
                      copy_bytes: int | None = None, repeats: int = 5) -> Ceilings:
     """Both ceilings of ``device`` in about a second on a CPU (much less on a GPU)."""
@@ -451,12 +462,12 @@ def random_cache(config: GPTConfig, batch: int, context: int, device="cpu", dtyp
     from .model import KVCache
 
     _check_positive(batch=batch, context=context)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)              # made where it is used
     shape = (batch, config.n_head, context, config.head_dim)            # (B, H, T, Dh)
     cache = KVCache()
     for layer in range(config.n_layer):
-        k = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-        v = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        k = torch.randn(shape, generator=gen, device=device).to(dtype)
+        v = torch.randn(shape, generator=gen, device=device).to(dtype)
         cache.append(layer, k, v)
     return cache
 

@@ -85,6 +85,7 @@ def test_ceilings_are_measured_and_positive():
     assert c.attainable(1e-3) == pytest.approx(c.bandwidth * 1e-3)
     assert c.attainable(1e6) == c.peak_flops
     assert "GFLOP/s" in str(c)
+    assert perf.time_matmul(1, 64, 64, repeats=2) > 0 and perf.time_matmul(8, 64, 64, repeats=1) > 0
 
 
 def test_timing_the_model_is_quick_and_positive():

@@ -53,12 +53,14 @@ def plot_roofline(ceilings, points=(), ax=None, title: str | None = None, annota
     roof = roof_curve(ceilings.peak_flops, ceilings.bandwidth, grid)
     ax.loglog(grid, roof / 1e9, color="black", lw=2, label="measured roofline")
     ax.axvline(ceilings.ridge, color="gray", ls=":", lw=1)
-    ax.text(ceilings.ridge, ceilings.peak_flops / 1e9 * 1.08, f" ridge {ceilings.ridge:.1f} FLOP/B",
-            fontsize=8, color="gray", ha="center", va="bottom")
+    ax.text(ceilings.ridge * 1.08, 0.03, f"ridge {ceilings.ridge:.1f} FLOP/B", fontsize=8, color="gray",
+            transform=ax.get_xaxis_transform(), ha="left", va="bottom")
     ax.text(lo * 1.2, ceilings.bandwidth * lo * 1.2 / 1e9, f"{ceilings.bandwidth / 1e9:,.0f} GB/s",
-            fontsize=8, rotation=0, va="bottom")
-    ax.text(hi / 1.2, ceilings.peak_flops / 1e9 / 1.15, f"{ceilings.peak_flops / 1e9:,.0f} GFLOP/s",
-            fontsize=8, ha="right", va="top")
+            fontsize=8, va="bottom")
+    ax.text(ceilings.ridge * 1.08, ceilings.peak_flops / 1e9 * 1.06, f"peak {ceilings.peak_flops / 1e9:,.0f} GFLOP/s",
+            fontsize=8, ha="left", va="bottom")
+    ymin = min([p["flops_per_s"] for p in points] + [roof[0]]) / 1e9
+    ax.set_ylim(ymin / 1.5, ceilings.peak_flops / 1e9 * 1.8)
     seen = set()
     for p in points:
         kind = p.get("kind", "other")
