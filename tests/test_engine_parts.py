@@ -228,8 +228,12 @@ def test_eos_stops_unless_ignored():
 
 
 def test_request_metrics_are_consistent():
+    from course_lib.engine.metrics import throughput
+
     llm = LLM(random_model(CFG), block_size=4)
     out = llm.generate([[1, 2, 3], [4] * 9], SamplingParams(max_tokens=5, ignore_eos=True))
+    tp = throughput(llm._last)
+    assert tp["output_tokens"] == 10 and tp["output_tokens_per_s"] == pytest.approx(10 / tp["seconds"])
     for o in out:
         m = o.metrics
         assert m.num_output_tokens == 5 and len(m.itl) == 4
