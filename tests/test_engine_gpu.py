@@ -73,7 +73,8 @@ def _engine(llm, prompts, max_tokens):
 
 def test_gpu_bf16_with_cuda_graphs_matches_transformers(ckpt):
     prompts = _prompts()
-    llm = LLM(ckpt, device="cuda", dtype="bfloat16", block_size=16, max_num_batched_tokens=512, max_num_seqs=16)
+    llm = LLM(ckpt, device="cuda", dtype="bfloat16", block_size=16, max_num_batched_tokens=512, max_num_seqs=16,
+              num_kv_blocks=1024)
     assert llm.engine.runner.graphs and llm.engine.runner.attention.name == "triton"
     ours = _engine(llm, prompts, MAX_TOKENS)
     identical = _check_close(ours, _hf(ckpt, torch.bfloat16, prompts, MAX_TOKENS), atol=0.25)
@@ -84,7 +85,7 @@ def test_gpu_bf16_with_cuda_graphs_matches_transformers(ckpt):
 def test_gpu_fp32_block_sizes_chunked_and_graphs(ckpt, block_size):
     prompts = _prompts(seed=1)
     llm = LLM(ckpt, device="cuda", dtype="float32", block_size=block_size, max_num_batched_tokens=256,
-              max_num_seqs=8)
+              max_num_seqs=8, num_kv_blocks=4096 // block_size)
     ours = _engine(llm, prompts, MAX_TOKENS)
     identical = _check_close(ours, _hf(ckpt, torch.float32, prompts, MAX_TOKENS), atol=0.01)
     assert identical >= len(prompts) - 2, identical
@@ -98,7 +99,7 @@ def test_gpu_prefix_cache_and_preemption_bf16(ckpt):
     max_tokens = [min(m, 512 - len(p)) for p, m in zip(prompts, MAX_TOKENS)]
     need = max(-(-(len(p) + m) // 16) for p, m in zip(prompts, max_tokens))
     llm = LLM(ckpt, device="cuda", dtype="bfloat16", block_size=16, num_kv_blocks=need + 4,
-              max_num_batched_tokens=256, snapshot=True)
+              max_num_batched_tokens=256, max_num_seqs=16, snapshot=True)
     ours = _engine(llm, prompts, max_tokens)
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.block_manager.num_hit_tokens > 0
@@ -136,8 +137,8 @@ def test_gpu_triton_kernel_matches_reference():
 def test_gpu_graph_replay_equals_eager(ckpt):
     prompts = _prompts(seed=2)[:6]
     params = [SamplingParams(max_tokens=12, logprobs=1, ignore_eos=True)] * 6
-    a = LLM(ckpt, device="cuda", dtype="float32", cuda_graphs=True, max_num_seqs=8).generate(prompts, params)
-    b = LLM(ckpt, device="cuda", dtype="float32", cuda_graphs=False, max_num_seqs=8).generate(prompts, params)
+    a = LLM(ckpt, device="cuda", dtype="float32", cuda_graphs=True, max_num_seqs=8, num_kv_blocks=256).generate(prompts, params)
+    b = LLM(ckpt, device="cuda", dtype="float32", cuda_graphs=False, max_num_seqs=8, num_kv_blocks=256).generate(prompts, params)
     for x, y in zip(a, b):
         for la, lb in zip(x.logprobs, y.logprobs):
             ta, tb = max(la, key=la.get), max(lb, key=lb.get)
@@ -145,3 +146,12 @@ def test_gpu_graph_replay_equals_eager(ckpt):
         if x.token_ids != y.token_ids:       # only ever at a near tie
             i = next(j for j, (s, t) in enumerate(zip(x.token_ids, y.token_ids)) if s != t)
             assert abs(x.logprobs[i][x.token_ids[i]] - y.logprobs[i][y.token_ids[i]]) < 1e-3
+
+
+def test_gpu_memory_fraction_sizes_the_pool_and_cli_runs(ckpt):
+    llm = LLM(ckpt, device="cuda", dtype="bfloat16", gpu_memory_fraction=0.3, max_num_seqs=4)
+    free, total = torch.cuda.mem_get_info()
+    assert llm.engine.kv_cache.nbytes() <= 0.3 * total
+    assert llm.engine.block_manager.num_blocks > 1000
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=5, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5

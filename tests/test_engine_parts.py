@@ -232,7 +232,7 @@ def test_request_metrics_are_consistent():
 
     llm = LLM(random_model(CFG), block_size=4)
     out = llm.generate([[1, 2, 3], [4] * 9], SamplingParams(max_tokens=5, ignore_eos=True))
-    tp = throughput(llm._last)
+    tp = throughput(llm.last_sequences)
     assert tp["output_tokens"] == 10 and tp["output_tokens_per_s"] == pytest.approx(10 / tp["seconds"])
     for o in out:
         m = o.metrics

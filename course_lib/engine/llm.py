@@ -193,13 +193,13 @@ class LLM:
             for s in seqs:
                 if not s.is_finished:
                     self.engine.abort(s)
-        self._last = seqs
+        self.last_sequences = seqs      # the engine-side state of the last call (metrics.throughput reads it)
 
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
         """Run every prompt to the end; outputs in the order of ``prompts``."""
         for _ in self.stream(prompts, sampling_params):
             pass
-        return [self._output(i, s) for i, s in enumerate(self._last)]
+        return [self._output(i, s) for i, s in enumerate(self.last_sequences)]
 
     def _output(self, i: int, seq: Sequence) -> RequestOutput:
         return RequestOutput(i, seq.request_id, list(seq.prompt_token_ids), seq.output_token_ids,
