@@ -321,19 +321,19 @@ def main(argv=None):
     result = {"device": name, "torch": torch.__version__, "transformers": tf_version,
               "date": dt.date.today().isoformat(), "dtype": str(dtype).replace("torch.", ""),
               "ceilings": peaks, "settings": {k: v for k, v in vars(args).items() if k != "out"}, "runs": []}
-    for shape in args.models:
-        run_model(shape, args, device, dtype, peaks, result["runs"])
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-    stem = f"{result['date']}_{slug}" + ("_smoke" if args.smoke else "")
+    stem = out / (f"{result['date']}_{slug}" + ("_smoke" if args.smoke else ""))
+    for shape in args.models:
+        run_model(shape, args, device, dtype, peaks, result["runs"])
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")   # kept if a later model dies
+
     table = markdown(result)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(table + "\n")
-    plot(result, out / f"{stem}.png")
+    stem.with_suffix(".md").write_text(table + "\n")
+    plot(result, stem.with_suffix(".png"))
     print(table)
-    log(f"wrote {out / stem}.json")
+    log(f"wrote {stem}.json")
     return result
 
 
