@@ -1,7 +1,5 @@
 """The engine's parts one at a time: block manager, scheduler, KV pool, ledger, sampler, snapshots."""
 
-import math
-
 import pytest
 import torch
 

@@ -23,7 +23,7 @@ from .metrics import Ledger
 from .runner import ModelRunner
 from .sampler import sample
 from .scheduler import Scheduler
-from .sequence import SamplingParams, Sequence, SequenceStatus
+from .sequence import SamplingParams, Sequence
 from .snapshot import StepSnapshot, take_snapshot
 
 CPU_DEFAULT_KV_BYTES = 256 * 2**20     # default pool cap on CPU
