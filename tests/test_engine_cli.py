@@ -55,3 +55,22 @@ def test_bench_script_smoke_writes_results(tmp_path):
     assert {("engine", "prefill"), ("engine", "decode"), ("engine", "serving"),
             ("hf-generate", "prefill"), ("hf-generate", "decode")} <= systems
     assert "| model | workload |" in r.stdout
+
+
+def test_cli_generate_checkpoint_with_token_ids(tmp_path):
+    import torch
+
+    from course_lib import checkpoint
+    from course_lib.config import GPTConfig
+    from course_lib.engine import LLM, SamplingParams
+    from course_lib.model import GPT
+
+    torch.manual_seed(0)
+    checkpoint.save(GPT(GPTConfig(vocab_size=120, n_positions=32, n_embd=32, n_layer=1, n_head=2)), tmp_path)
+    r = _run("-m", "course_lib.engine", "generate", "--model", str(tmp_path), "--prompt-ids", "5,6,7",
+             "--max-tokens", "6", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    want = LLM(tmp_path).generate([[5, 6, 7]], SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
+    assert " ".join(map(str, want)) in r.stdout
+    r = _run("-m", "course_lib.engine", "generate", "--model", str(tmp_path), "--prompt", "hello")
+    assert r.returncode == 2 and "no tokenizer" in r.stderr
