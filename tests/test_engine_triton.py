@@ -36,7 +36,10 @@ for H, D, bs, dtype in [(2, 32, 4, torch.float32), (3, 48, 7, torch.float32), (2
         start += n
     tables[:, :][tables == 0] = 0
     q = torch.randn(len(lens), H, D, dtype=dtype)
-    got = paged_decode_attention(q, kv.k[0], kv.v[0], tables, torch.tensor(lens, dtype=torch.int32), block_n=16)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    got = paged_decode_attention(q, kv.k[0], kv.v[0], tables, lens_t, block_n=16)
+    got_auto = paged_decode_attention(q, kv.k[0], kv.v[0], tables.long(), lens_t.long())   # 128-token tiles
+    assert (got.float() - got_auto.float()).abs().max().item() < (1e-5 if dtype == torch.float32 else 2e-2)
 
     class Batch:                                       # what TorchAttention reads
         context_lens_host = lens

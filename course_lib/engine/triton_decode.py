@@ -62,13 +62,17 @@ def _paged_decode_kernel(
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           block_n: int = 64) -> torch.Tensor:
+                           block_n: int | None = None) -> torch.Tensor:
     """``q`` (B, H, Dh) against each sequence's ``context_lens[b]`` cached tokens → (B, H, Dh).
 
     ``k_cache``/``v_cache`` are one layer of the pool, ``(blocks, block_size, H, Dh)``;
     ``block_tables`` is ``(B, M)`` (int32 or int64). No host synchronisation: safe inside a CUDA graph.
+    With few (sequence, head) programs (small batches) each takes bigger tiles, so fewer loop
+    trips wait on memory.
     """
     B, H, Dh = q.shape
+    if block_n is None:
+        block_n = 128 if B * H <= 512 else 64
     if k_cache.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("paged_decode_attention needs the head dimension contiguous")
     out = torch.empty_like(q)
@@ -79,5 +83,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         HEAD_DIM=Dh, HEAD_DIM_P2=triton.next_power_of_2(Dh), BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n,
+        num_warps=8 if block_n >= 128 else 4,
     )
     return out
