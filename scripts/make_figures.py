@@ -33,12 +33,13 @@ from course_lib.tiny import load_tiny, training_record  # noqa: E402
 from course_lib.viz import attention as va  # noqa: E402
 from course_lib.viz.block import gpt_stack_figure, norm_placement_figure  # noqa: E402
 from course_lib.viz.embeddings import embedding_figure, position_similarity_figure  # noqa: E402
-from course_lib.viz.heads import best_head, delimiter_ids, head_scores_figure, layer_weights, measure_heads  # noqa: E402
+from course_lib.viz.heads import best_head, head_scores_figure, layer_weights, measure_heads, newline_ids  # noqa: E402
 from course_lib.viz.training import record_figure  # noqa: E402
 from course_lib.widgets.attention import attention_figure, attention_steps, attention_views  # noqa: E402
 
 FIGURES = ROOT / "figures"
 PROMPT = "The for statement is used to iterate over the elements of a list."
+MULTILINE_PROMPT = "Return the length.\nA list is a sequence.\nThe for statement is used to iterate.\nThe"
 # The seed article's four tokens, with small integer queries and keys (as in notebook 03).
 ABCD_Q = [[1., 0, 1, 0], [0, 1, 0, 1], [1, 0, 2, 1], [0, 1, 1, 0]]
 ABCD_K = [[1., 0, 1, 0], [0, 1, -1, 0], [0, 0, 1, -1], [1, 1, 1, 2]]
@@ -66,7 +67,7 @@ def head_scores():
         model, tok = tiny()
         _, val_docs = split_documents(load_corpus())
         ids = tok.encode("\n".join(val_docs)[:20000])
-        _cache["heads"] = measure_heads(model, ids, marked_ids=delimiter_ids(tok))[0]
+        _cache["heads"] = measure_heads(model, ids, marked_ids=newline_ids(tok), marked_name="newline tokens")[0]
     return _cache["heads"]
 
 
@@ -119,11 +120,11 @@ def fig_head_scores():
     return head_scores_figure(head_scores(), title="what each head attends to (mean weight over held-out text)")
 
 
-def fig_previous_token_head():
-    layer, head = best_head(head_scores()["previous token"])
-    ids, labels, trace = trace_of(PROMPT)
+def fig_newline_head():
+    layer, head = best_head(head_scores()["newline tokens"])
+    ids, labels, trace = trace_of(MULTILINE_PROMPT)
     return va.head_grid(trace[f"h{layer}.attn.weights"][0], labels, highlight=head,
-                        title=f"layer {layer}: head {head} (outlined) attends to the previous token")
+                        title=f"layer {layer}: head {head} (outlined) looks back to the start of the line (↵)")
 
 
 def fig_pre_ln_block():

@@ -97,6 +97,7 @@ def test_head_pattern_scores_find_a_previous_token_head():
     marked = np.zeros(T, bool)
     marked[2] = True
     s = heads.head_pattern_scores(w, marked=marked)
+    assert heads.uniform_baseline([marked]) == pytest.approx(np.mean([marked[: i + 1].mean() for i in range(1, T)]))
     assert s["previous token"][0, 1] == pytest.approx(1.0)
     assert heads.best_head(s["previous token"]) == (0, 1)
     assert s["first token"][0, 0] == pytest.approx(np.mean([1 / (i + 1) for i in range(1, T)]))

@@ -17,7 +17,7 @@ def load_script():
 
 def test_make_figures_writes_pngs(tmp_path, capsys):
     mf = load_script()
-    names = ["abcd_masked_attention", "pre_ln_block", "training_curve", "previous_token_head"]
+    names = ["abcd_masked_attention", "pre_ln_block", "training_curve", "newline_head"]
     assert set(names) <= set(mf.FIGURE_FUNCTIONS)
     assert mf.main(["--out", str(tmp_path), "--only", *names]) == 0
     for n in names:

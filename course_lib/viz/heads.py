@@ -1,5 +1,5 @@
 """Measuring what each head does: how much weight goes to the previous token, to the token itself,
-to the first token, or to chosen tokens (newlines, punctuation). The scores decide which heads the
+to the first token, or to chosen tokens (e.g. newlines). The scores decide which heads the
 notebooks show. Introduced in notebooks/04_multi_head_attention.ipynb.
 """
 
@@ -12,7 +12,6 @@ import torch
 from ..errors import InputError
 from .attention import as_array, heatmap
 
-PATTERNS = ("previous token", "self", "first token", "marked tokens")
 
 
 def layer_weights(trace, n_layer: int) -> torch.Tensor:
@@ -20,7 +19,7 @@ def layer_weights(trace, n_layer: int) -> torch.Tensor:
     return torch.stack([trace[f"h{i}.attn.weights"][0] for i in range(n_layer)]).cpu()
 
 
-def head_pattern_scores(weights, marked=None, skip: int = 1) -> dict[str, np.ndarray]:
+def head_pattern_scores(weights, marked=None, skip: int = 1, marked_name: str = "marked tokens") -> dict[str, np.ndarray]:
     """Mean weight per (layer, head) that a query puts on each pattern's keys.
 
     ``weights`` is (L, H, T, T) for one sequence; queries before ``skip`` are left out (query 0
@@ -42,7 +41,7 @@ def head_pattern_scores(weights, marked=None, skip: int = 1) -> dict[str, np.nda
         marked = np.asarray(marked, dtype=bool)
         if marked.shape != (T,):
             raise InputError(f"marked must be a boolean vector of length {T}, got shape {marked.shape}")
-        out["marked tokens"] = (w[..., rows, :] * marked[None, None, None, :]).sum(-1).mean(-1)
+        out[marked_name] = (w[..., rows, :] * marked[None, None, None, :]).sum(-1).mean(-1)
     return out
 
 
@@ -68,14 +67,24 @@ def head_scores_figure(scores: dict[str, np.ndarray], title: str | None = None):
     return fig
 
 
-def delimiter_ids(tokenizer) -> set[int]:
-    """Ids of tokens that are punctuation marks or contain a newline: the "marked tokens"."""
-    return {i for i, t in enumerate(tokenizer.id_to_token) if t.strip() in {".", ",", ":", "(", ")"} or "\n" in t}
+def newline_ids(tokenizer) -> set[int]:
+    """Ids of the tokens that contain a newline (the line breaks of the text)."""
+    return {i for i, t in enumerate(tokenizer.id_to_token) if "\n" in t}
+
+
+def uniform_baseline(marked_windows: list, skip: int = 1) -> float:
+    """The "marked" score of a head that spread its weight evenly over the keys it can see."""
+    vals = []
+    for marked in marked_windows:
+        m = np.asarray(marked, dtype=float)
+        vals.append(np.mean([m[: i + 1].mean() for i in range(skip, len(m))]))
+    return float(np.mean(vals))
 
 
 @torch.no_grad()
 def measure_heads(model, ids: list[int], window: int = 64, stride: int = 97, max_windows: int = 24,
-                  marked_ids: set[int] | None = None) -> tuple[dict[str, np.ndarray], list[list[int]]]:
+                  marked_ids: set[int] | None = None, marked_name: str = "marked tokens"
+                  ) -> tuple[dict[str, np.ndarray], list[list[int]]]:
     """Average :func:`head_pattern_scores` over windows of ``ids`` (e.g. held-out text).
 
     Returns (name → (L, H) mean scores, the windows used).
@@ -93,6 +102,6 @@ def measure_heads(model, ids: list[int], window: int = 64, stride: int = 97, max
         trace = Trace()
         model(torch.tensor([w], device=device), trace=trace)
         marked = None if marked_ids is None else np.array([t in marked_ids for t in w])
-        s = head_pattern_scores(layer_weights(trace, model.config.n_layer), marked=marked)
+        s = head_pattern_scores(layer_weights(trace, model.config.n_layer), marked=marked, marked_name=marked_name)
         totals = s if totals is None else {k: totals[k] + s[k] for k in s}
     return {k: v / len(windows) for k, v in totals.items()}, windows

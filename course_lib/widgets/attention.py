@@ -174,14 +174,21 @@ def head_summary(views: dict) -> str:
     prev = float(torch.diagonal(w, -1).mean()) if T > 1 else float("nan")
     self_w = float(torch.diagonal(w).mean())
     first = float(w[:, 0].mean())
+    newline = torch.tensor(["↵" in lab for lab in views["labels"]])
+    on_newlines = float((w * newline).sum(-1).mean())
     return (f"layer {views['layer']} · head {views['head']} · {T} tokens\n"
-            f"mean weight on the previous token {prev:.3f} · on itself {self_w:.3f} · on the first token {first:.3f}")
+            f"mean weight on the previous token {prev:.3f} · on itself {self_w:.3f} · on the first token {first:.3f}"
+            f" · on newline tokens {on_newlines:.3f}")
 
 
 # --------------------------------------------------------------------------- the widgets
 
 
-def _prompt_box(prompt: str) -> widgets.Text:
+def _prompt_box(prompt: str, multiline: bool = False):
+    """A prompt box that reports its value when you press Enter (or, multi-line, when you click away)."""
+    if multiline:
+        return widgets.Textarea(value=prompt, description="prompt", continuous_update=False, rows=4,
+                                layout=widgets.Layout(width="95%"))
     return widgets.Text(value=prompt, description="prompt", continuous_update=False,
                         layout=widgets.Layout(width="95%"))
 
@@ -258,11 +265,12 @@ class AttentionExplorer(Explorer):
 
 
 class HeadExplorer(Explorer):
-    """Notebook 04: layer and head sliders over the trained model's per-head attention weights."""
+    """Notebook 04: layer and head sliders over the trained model's per-head attention weights.
+    The prompt box takes several lines (edit, then click outside the box)."""
 
     def __init__(self, model, tokenizer, prompt: str = DEFAULT_PROMPT, layer: int = 0, head: int = 0):
         self.model, self.tokenizer = model, tokenizer
-        self.prompt = _prompt_box(prompt)
+        self.prompt = _prompt_box(prompt, multiline=True)
         self.layer = _slider("layer", layer, model.config.n_layer - 1)
         self.head = _slider("head", head, model.config.n_head - 1)
         super().__init__([self.prompt, widgets.HBox([self.layer, self.head])],
