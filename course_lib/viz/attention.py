@@ -72,13 +72,13 @@ def heatmap(ax, matrix, row_labels=None, col_labels=None, title: str | None = No
     if annotate is None:
         annotate = rows <= 10 and cols <= 10
     if annotate:
-        mid = (vmin + vmax) / 2
         for i in range(rows):
             for j in range(cols):
                 if masked[i, j]:
                     ax.text(j, i, "−∞", ha="center", va="center", fontsize=7, color="#555555")
                 else:
-                    color = "white" if m[i, j] < mid else "black"
+                    r, g, b, _ = cm(im.norm(m[i, j]))
+                    color = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.55 else "black"
                     ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=7, color=color)
     if title:
         ax.set_title(title, fontsize=9)

@@ -54,12 +54,13 @@ def best_head(scores: np.ndarray) -> tuple[int, int]:
 def head_scores_figure(scores: dict[str, np.ndarray], title: str | None = None):
     """One small L × H table per pattern, the numbers written in."""
     names = list(scores)
+    top = max(0.2, max(float(np.max(v)) for v in scores.values()))   # one colour scale for all panels
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.0))
     axes = np.atleast_1d(axes)
     for ax, name in zip(axes, names):
         s = scores[name]
         heatmap(ax, s, [f"L{i}" for i in range(s.shape[0])], [f"H{j}" for j in range(s.shape[1])],
-                title=name, cmap="Greens", vmin=0, vmax=1, annotate=True)
+                title=name, cmap="Greens", vmin=0, vmax=top, annotate=True)
         ax.tick_params(axis="x", rotation=0)
     if title:
         fig.suptitle(title, fontsize=10)
