@@ -12,7 +12,7 @@ from course_lib.config import GPTConfig  # noqa: E402
 from course_lib.errors import InputError  # noqa: E402
 from course_lib.model import Trace  # noqa: E402
 from course_lib.viz.cache import draw_cache_view, plot_cache_bytes  # noqa: E402
-from course_lib.widgets.cache import build_cache_widget, cache_view, record_decode  # noqa: E402
+from course_lib.widgets.cache import build_cache_widget, cache_summary, cache_view, record_decode  # noqa: E402
 
 CFG = GPTConfig(vocab_size=60, n_positions=32, n_embd=24, n_layer=3, n_head=3)
 
@@ -49,6 +49,12 @@ def test_view_rows_and_attention_row(record):
     assert torch.allclose(torch.from_numpy(vv["rows"]), tr["h1.attn.v"][0, 2], atol=1e-5)
 
 
+def test_summary_line(record):
+    line = cache_summary(cache_view(record, 2))
+    assert line == ("step 2 (decode): 6 positions cached in each of 3 layers × 3 heads; "
+                    "formula 3,456 B = allocated 3,456 B")
+
+
 def test_pictures_and_widget(record):
     fig = draw_cache_view(cache_view(record, 5, 2, 1))
     assert len(fig.axes) == 3
@@ -56,9 +62,11 @@ def test_pictures_and_widget(record):
     fig = plot_cache_bytes(range(6), [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6])
     plt.close(fig)
     w = build_cache_widget(record)
-    step = w.children[0].children[0]
+    step, info = w.children[0].children[0], w.children[2]
+    assert info.value.startswith("step 0 (prefill): 4 positions")
     step.value = 5
     assert step.max == 5
+    assert info.value.startswith("step 5 (decode): 9 positions") and "= allocated 5,184 B" in info.value
 
 
 @pytest.mark.parametrize("kwargs, message", [

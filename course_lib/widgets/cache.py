@@ -108,6 +108,15 @@ def cache_view(record: DecodeRecord, step: int, layer: int = 0, head: int = 0, w
     }
 
 
+def cache_summary(view: dict) -> str:
+    """One line for the widget: the step, the positions cached, and formula vs allocated bytes."""
+    kind = "prefill" if view["step"] == 0 else "decode"
+    same = "=" if view["bytes_formula"] == view["bytes_allocated"] else "≠"
+    return (f"step {view['step']} ({kind}): {view['seq_len']} positions cached in each of "
+            f"{view['n_layer']} layers × {view['n_head']} heads; formula {view['bytes_formula']:,} B "
+            f"{same} allocated {view['bytes_allocated']:,} B")
+
+
 def build_cache_widget(record: DecodeRecord):
     """Sliders for step, layer and head, a K/V toggle; redraws the cache view on change."""
     import ipywidgets as W
@@ -121,16 +130,19 @@ def build_cache_widget(record: DecodeRecord):
     layer = W.IntSlider(value=0, min=0, max=cfg.n_layer - 1, description="layer")
     head = W.IntSlider(value=0, min=0, max=cfg.n_head - 1, description="head")
     which = W.ToggleButtons(options=[("K", "k"), ("V", "v")], value="k", description="cache")
+    info = W.HTML()
     out = W.Output()
 
     def redraw(*_):
+        view = cache_view(record, step.value, layer.value, head.value, which.value)
+        info.value = cache_summary(view)
         with out:
             out.clear_output(wait=True)
-            fig = draw_cache_view(cache_view(record, step.value, layer.value, head.value, which.value))
+            fig = draw_cache_view(view)
             display(fig)
             plt.close(fig)
 
     for w in (step, layer, head, which):
         w.observe(redraw, names="value")
     redraw()
-    return W.VBox([W.HBox([step, layer]), W.HBox([head, which]), out])
+    return W.VBox([W.HBox([step, layer]), W.HBox([head, which]), info, out])
