@@ -17,8 +17,8 @@ def draw_cache_view(view: dict, fig=None):
     S, M, P = view["seq_len"], view["max_len"], view["prompt_len"]
     L, H = view["n_layer"], view["n_head"]
     if fig is None:
-        fig = plt.figure(figsize=(12, 4.2))
-    gs = fig.add_gridspec(1, 3, width_ratios=[1.1, 0.9, 1.4], wspace=0.35)
+        fig = plt.figure(figsize=(13, 4.2))
+    gs = fig.add_gridspec(1, 3, width_ratios=[1.1, 0.9, 1.4], wspace=0.4)
     ax_rows, ax_occ, ax_att = (fig.add_subplot(gs[0, i]) for i in range(3))
 
     canvas = np.full((M, view["rows"].shape[1]), np.nan)
@@ -42,9 +42,7 @@ def draw_cache_view(view: dict, fig=None):
     ax_occ.set_yticks(range(0, L * H, H))
     ax_occ.set_yticklabels([f"layer {i}" for i in range(L)], fontsize=7)
     ax_occ.set_xlabel("position")
-    ax_occ.set_title(f"every layer × head: prompt (blue), generated (red)\n"
-                     f"formula {view['bytes_formula']:,} B = allocated {view['bytes_allocated']:,} B",
-                     fontsize=9)
+    ax_occ.set_title(f"all {L} layers × {H} heads\nprompt (blue), generated (red)", fontsize=9)
     for i in range(1, L):
         ax_occ.axhline(i * H - 0.5, color="white", lw=1.5)
 
@@ -61,7 +59,9 @@ def draw_cache_view(view: dict, fig=None):
         ax_att.set_xticklabels(view["labels"], rotation=90, fontsize=6)
     else:
         ax_att.set_xlabel("cached position")
-    fig.suptitle(f"step {view['step']} ({'prefill' if view['step'] == 0 else 'decode'})", fontsize=10, y=1.02)
+    same = "=" if view["bytes_formula"] == view["bytes_allocated"] else "≠"
+    fig.suptitle(f"step {view['step']} ({'prefill' if view['step'] == 0 else 'decode'}): KV cache formula "
+                 f"{view['bytes_formula']:,} B {same} allocated {view['bytes_allocated']:,} B", fontsize=10, y=1.03)
     return fig
 
 
