@@ -298,3 +298,19 @@ def test_graph_replay_bookkeeping_on_cpu():
     assert llm.engine.kv_cache.k[0][0].abs().sum() > 0           # padded rows wrote to the null block...
     llm.engine.kv_cache.pool[:, :, 0] = 1e4                       # ...which never weighs in for a real one
     assert [o.token_ids for o in llm.generate(prompts, p)] == want
+
+
+def test_prefill_groups_batch_fresh_equal_length_runs():
+    """Consecutive prefills with no cached prefix and equal length form one attention call."""
+    import torch
+
+    from course_lib.engine.runner import StepBatch
+
+    qlens = [1, 1, 5, 5, 5, 3, 5, 5, 4]
+    ctx = [9, 4, 5, 5, 12, 3, 5, 5, 4]          # the third prefill (12 keys) has a cached prefix
+    starts = [0]
+    for q in qlens:
+        starts.append(starts[-1] + q)
+    empty = torch.zeros(0)
+    b = StepBatch(empty, empty, empty, starts, starts, empty, ctx, empty, empty, num_decodes=2)
+    assert b.prefill_groups == [(2, 4, True), (4, 5, False), (5, 6, True), (6, 8, True), (8, 9, True)]

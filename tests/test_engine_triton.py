@@ -53,6 +53,18 @@ for H, D, bs, dtype in [(2, 32, 4, torch.float32), (3, 48, 7, torch.float32), (2
     z = paged_decode_attention(q[:1], kv.k[0], kv.v[0], tables[:1], torch.tensor([0], dtype=torch.int32))
     assert torch.equal(z.float(), torch.zeros_like(z.float()))
 
+# the K/V write kernel == index_copy_, from strided views of a fused QKV output
+from course_lib.engine.triton_cache_write import write_kv
+for H, D, dtype in [(3, 16, torch.float32), (25, 64, torch.bfloat16)]:
+    qkv = torch.randn(11, 3 * H * D, dtype=dtype)
+    q, k, v = (t.view(11, H, D) for t in qkv.split(H * D, dim=1))
+    cfg = GPTConfig(vocab_size=50, n_positions=80, n_embd=H * D, n_layer=1, n_head=H)
+    a, b = PagedKVCache(cfg, num_blocks=6, block_size=4, dtype=dtype), PagedKVCache(cfg, num_blocks=6, block_size=4, dtype=dtype)
+    slots = torch.randperm(24)[:11] + 4
+    a.write(0, k, v, slots)
+    write_kv(k, v, slots, b.k[0], b.v[0])
+    assert torch.equal(a.pool, b.pool) and b.pool.abs().sum() > 0
+
 # the whole engine with the Triton backend (decode rows through the kernel) == the reference backend
 from course_lib.engine import LLM, SamplingParams
 from course_lib.model import GPT

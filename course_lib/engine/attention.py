@@ -40,14 +40,26 @@ class AttentionBackend:
     graph_safe = False     # decode reads only device tensors: a CUDA graph can capture it
 
     def forward(self, q, k, v, kv: PagedKVCache, layer: int, batch) -> torch.Tensor:
-        out = torch.empty_like(q)
         nd = batch.num_decodes                       # decode rows come first, one per sequence
+        groups = batch.prefill_groups
+        if nd == 0 and len(groups) == 1 and groups[0][2]:
+            return self.prefill_fresh(q, k, v, kv, layer, batch, 0, batch.num_seqs)   # no copy
+        out = torch.empty_like(q)
         if nd:
             out[:nd] = self.decode(q[:nd], kv, layer, batch)
-        for i in range(nd, batch.num_seqs):
-            a, b = batch.query_start[i], batch.query_start[i + 1]
-            out[a:b] = self.prefill(q[a:b], k[a:b], v[a:b], kv, layer, batch, i)
+        for first, end, fresh in groups:
+            a, b = batch.query_start[first], batch.query_start[end]
+            if fresh:
+                out[a:b] = self.prefill_fresh(q[a:b], k[a:b], v[a:b], kv, layer, batch, first, end)
+            else:
+                out[a:b] = self.prefill(q[a:b], k[a:b], v[a:b], kv, layer, batch, first)
         return out
+
+    def prefill_fresh(self, q, k, v, kv, layer, batch, first, end) -> torch.Tensor:
+        """Sequences ``first..end-1``: equal query lengths and no cached prefix, rows end to end."""
+        n = q.shape[0] // (end - first)
+        return torch.cat([self.prefill(q[j * n:(j + 1) * n], k[j * n:(j + 1) * n], v[j * n:(j + 1) * n],
+                                       kv, layer, batch, first + j) for j in range(end - first)])
 
     def decode(self, q, kv, layer, batch) -> torch.Tensor:
         """One query row per sequence ``(B, H, Dh)`` against each sequence's cached keys."""
@@ -95,6 +107,13 @@ class SDPAAttention(AttentionBackend):
             out = F.scaled_dot_product_attention(qh, keys.transpose(0, 1)[None],
                                                  values.transpose(0, 1)[None], attn_mask=mask)
         return out[0].transpose(0, 1)                                  # (n, H, Dh)
+
+    def prefill_fresh(self, q, k, v, kv, layer, batch, first, end):
+        G = end - first
+        N, H, Dh = q.shape
+        q, k, v = (t.view(G, N // G, H, Dh).transpose(1, 2) for t in (q, k, v))   # (G, H, n, Dh)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)               # (G, H, n, Dh)
+        return out.transpose(1, 2).reshape(N, H, Dh)
 
     def decode(self, q, kv, layer, batch):
         B, H, Dh = q.shape

@@ -60,7 +60,9 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, self.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.max_num_batched_tokens, self.max_num_seqs,
                                    self.enable_chunked_prefill)
-        self.runner = ModelRunner(model, self.kv_cache, make_backend(attention, self.device), fast_gelu=cuda)
+        backend = make_backend(attention, self.device)
+        self.kv_cache.use_triton = backend.name == "triton"    # its K/V write kernel goes with it
+        self.runner = ModelRunner(model, self.kv_cache, backend, fast_gelu=cuda)
         self.ledger = Ledger(cfg, self.kv_cache.pool.element_size(), peak_flops, peak_bandwidth)
         self.snapshots: list[StepSnapshot] | None = [] if snapshot else None
         self.num_steps = 0
@@ -116,15 +118,19 @@ class LLMEngine:
         params.validate()
         if isinstance(prompt_token_ids, torch.Tensor):
             prompt_token_ids = prompt_token_ids.tolist()
-        if not isinstance(prompt_token_ids, (list, tuple)) or not all(
-                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt_token_ids):
+        if not isinstance(prompt_token_ids, (list, tuple)):
             raise InputError("a prompt must be a string or a list of integer token ids")
-        ids = [int(t) for t in prompt_token_ids]
+        if all(type(t) is int for t in prompt_token_ids):          # the common case, checked fast
+            ids = list(prompt_token_ids)
+        elif all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt_token_ids):
+            ids = [int(t) for t in prompt_token_ids]                  # numpy integers and the like
+        else:
+            raise InputError("a prompt must be a string or a list of integer token ids")
         if not ids:
             raise InputError("the prompt is empty; give at least one token")
-        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise InputError(f"token id {bad[0]} is out of range: this model's vocabulary has ids "
+        lo, hi = min(ids), max(ids)
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise InputError(f"token id {lo if lo < 0 else hi} is out of range: this model's vocabulary has ids "
                              f"0..{cfg.vocab_size - 1}")
         if len(ids) > cfg.n_positions:
             raise InputError(f"prompt of {len(ids)} tokens is longer than the model's context of "

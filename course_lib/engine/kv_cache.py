@@ -37,12 +37,17 @@ class PagedKVCache:
         self.pool = torch.zeros(config.n_layer, 2, num_blocks + 1, block_size, H, Dh, dtype=dtype, device=device)
         self.k = [self.pool[layer, 0] for layer in range(config.n_layer)]   # each (blocks, bs, H, Dh)
         self.v = [self.pool[layer, 1] for layer in range(config.n_layer)]
+        self.use_triton = False   # the runner turns on the Triton write kernel on CUDA
 
     def nbytes(self) -> int:
         return self.pool.numel() * self.pool.element_size()
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store the new tokens' keys and values ``(N, H, Dh)`` into their slots ``(N,)``."""
+        if self.use_triton:
+            from .triton_cache_write import write_kv
+
+            return write_kv(k, v, slot_mapping, self.k[layer], self.v[layer])
         H, Dh = k.shape[1], k.shape[2]
         self.k[layer].view(-1, H, Dh).index_copy_(0, slot_mapping, k)
         self.v[layer].view(-1, H, Dh).index_copy_(0, slot_mapping, v)

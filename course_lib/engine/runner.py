@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,21 @@ class StepBatch:
     @property
     def is_decode_only(self) -> bool:
         return self.num_decodes == self.num_seqs
+
+    @cached_property
+    def prefill_groups(self) -> list[tuple[int, int, bool]]:
+        """Prefill sequences as ``(first, end, fresh)`` runs. A *fresh* run is consecutive sequences
+        with no cached prefix and the same query length: attention can treat it as one (G, n) batch.
+        Every other prefill sequence is a run of its own."""
+        groups: list[tuple[int, int, bool]] = []
+        qlens = self.query_lens
+        for i in range(self.num_decodes, self.num_seqs):
+            fresh = self.context_lens_host[i] == qlens[i]
+            if groups and fresh and groups[-1][2] and qlens[groups[-1][0]] == qlens[i] and groups[-1][1] == i:
+                groups[-1] = (groups[-1][0], i + 1, True)
+            else:
+                groups.append((i, i + 1, fresh))
+        return groups
 
     @property
     def logit_seqs(self) -> list[ScheduledSeq]:
