@@ -35,6 +35,7 @@ def block_figure(views: dict):
     for i, part in enumerate(PARTS):
         ax.bar(np.arange(T) + (i - 1.5) * width, norms[part], width, label=part)
     ax.set_xticks(range(T), labels, rotation=90, fontsize=8)
+    ax.set_ylim(0, 1.3 * max(float(v.max()) for v in norms.values()))   # room for the legend
     ax.set_ylabel("length ‖·‖")
     ax.set_title(f"block {views['layer']}: the residual stream and what attention and the MLP add to it", fontsize=10)
     ax.legend(fontsize=8, ncol=4)

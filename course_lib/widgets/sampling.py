@@ -52,7 +52,8 @@ class SamplingExplorer(Explorer):
         self.prompt = widgets.Text(value=prompt, description="prompt", continuous_update=False,
                                    layout=widgets.Layout(width="95%"))
         self.temperature = widgets.FloatSlider(value=temperature, min=0.0, max=2.0, step=0.05,
-                                               description="temperature", continuous_update=False)
+                                               description="temperature", continuous_update=False,
+                                               style={"description_width": "initial"})
         self.seed = widgets.IntSlider(value=0, min=0, max=20, description="seed", continuous_update=False)
         self.max_new_tokens = max_new_tokens
         super().__init__([self.prompt, widgets.HBox([self.temperature, self.seed])],
