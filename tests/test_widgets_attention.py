@@ -155,3 +155,27 @@ def test_qkv_and_head_explorers(model, tok):
     assert "shorten" in h.message
     h.prompt.value = PROMPT
     assert h.message is None
+
+
+def test_explorer_turns_any_exception_into_a_message():
+    from course_lib.widgets.common import Explorer
+    import ipywidgets as widgets
+
+    class Flaky(Explorer):
+        def __init__(self):
+            self.box = widgets.IntSlider(value=0)
+            super().__init__([self.box])
+
+        def compute(self):
+            if self.box.value == 1:
+                raise RuntimeError("boom")
+            return f"value {self.box.value}", b"\x89PNG fake"
+
+    ex = Flaky()
+    ex.update()
+    assert ex.message is None and ex.summary == "value 0"
+    ex.box.value = 1
+    assert "RuntimeError: boom" in ex.message
+    assert "unexpected problem" in ex.output.outputs[0]["data"]["text/plain"]
+    ex.box.value = 2
+    assert ex.message is None and ex.summary == "value 2"
