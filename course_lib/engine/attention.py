@@ -11,6 +11,9 @@ runner has just written into the pool). A decode row is just a sequence with one
   can capture it.
 * :class:`TritonAttention` (GPU) — SDPA for prefill rows, and a Triton kernel that walks each
   sequence's block table for decode rows (``triton_decode.py``).
+* :class:`UnifiedTritonAttention` (GPU) — one FlashAttention-style Triton kernel for *every* row
+  (``triton_unified.py``), reading the step's structure from device tensors: a whole step, prefill
+  included, can be captured as one CUDA graph (``cuda_graphs="full"``, see step_graphs.py).
 
 Introduced in notebooks/11_inside_an_engine.ipynb; the tiled kernel in notebooks/12.
 """
@@ -18,6 +21,7 @@ Introduced in notebooks/11_inside_an_engine.ipynb; the tiled kernel in notebooks
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +42,7 @@ class AttentionBackend:
 
     name = "base"
     graph_safe = False     # decode reads only device tensors: a CUDA graph can capture it
+    needs_tiles = False    # reads StepBatch.tiles (the unified kernel's tile table)
 
     def forward(self, q, k, v, kv: PagedKVCache, layer: int, batch) -> torch.Tensor:
         nd = batch.num_decodes                       # decode rows come first, one per sequence
@@ -143,7 +148,27 @@ class TritonAttention(SDPAAttention):
                                       batch.context_lens[:B])
 
 
-BACKENDS = {"torch": TorchAttention, "sdpa": SDPAAttention, "triton": TritonAttention}
+class UnifiedTritonAttention(AttentionBackend):
+    """Every row of the step — decodes, fresh prefills, cached prefixes, chunks — in one launch of
+    the unified kernel. The runner gives the batch a tile table (``batch.tiles``); nothing here
+    reads a host-side length, so the whole step is graph-safe."""
+
+    name = "triton-unified"
+    graph_safe = True
+    needs_tiles = True     # the runner builds StepBatch.tiles for this backend
+
+    def forward(self, q, k, v, kv, layer, batch):
+        from .triton_unified import unified_attention
+
+        t = batch.tiles
+        # padded rows of a captured step belong to no tile: zero them rather than leave garbage
+        out = torch.zeros_like(q) if batch.padded else torch.empty_like(q)         # (N, H, Dh)
+        return unified_attention(q, kv.k[layer], kv.v[layer], batch.block_tables, batch.context_lens,
+                                 t.query_start, t.seq, t.row, t.count, t.grid, t.block_m, out=out)
+
+
+BACKENDS = {"torch": TorchAttention, "sdpa": SDPAAttention, "triton": TritonAttention,
+            "triton-unified": UnifiedTritonAttention}
 
 
 def triton_available() -> bool:
@@ -165,6 +190,9 @@ def make_backend(name: str | None, device: torch.device) -> AttentionBackend:
             name = "torch"
     if name not in BACKENDS:
         raise ConfigError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
-    if name == "triton" and not triton_available():
-        raise ConfigError("attention='triton' needs the triton package (pip install triton)")
+    if name == "triton-unified" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("attention='triton-unified' needs a CUDA GPU; on CPU set TRITON_INTERPRET=1 before "
+                          "starting Python to run the kernel (slowly) through the Triton interpreter")
+    if name in ("triton", "triton-unified") and not triton_available():
+        raise ConfigError(f"attention={name!r} needs the triton package (pip install triton)")
     return BACKENDS[name]()

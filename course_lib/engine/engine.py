@@ -40,7 +40,7 @@ class LLMEngine:
                  max_num_seqs: int | None = None, num_kv_blocks: int | None = None,
                  gpu_memory_fraction: float | None = None, enable_chunked_prefill: bool = True,
                  enable_prefix_caching: bool = True, snapshot: bool = False, attention: str | None = None,
-                 cuda_graphs: bool | None = None, peak_flops: float | None = None,
+                 cuda_graphs: bool | str | None = None, peak_flops: float | None = None,
                  peak_bandwidth: float | None = None):
         self.model = model.eval()
         self.config = cfg = model.config
@@ -60,20 +60,36 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, self.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.max_num_batched_tokens, self.max_num_seqs,
                                    self.enable_chunked_prefill)
+        if cuda_graphs not in (None, True, False, "full"):
+            raise ConfigError(f"cuda_graphs must be True, False, None (automatic) or 'full', got {cuda_graphs!r}")
+        if cuda_graphs == "full" and attention is None:
+            attention = "triton-unified"                      # the one backend whole steps can be captured with
         backend = make_backend(attention, self.device)
-        self.kv_cache.use_triton = backend.name == "triton"    # its K/V write kernel goes with it
+        self.kv_cache.use_triton = backend.name in ("triton", "triton-unified")   # the Triton K/V write kernel
         self.runner = ModelRunner(model, self.kv_cache, backend, fast_gelu=cuda)
         self.ledger = Ledger(cfg, self.kv_cache.pool.element_size(), peak_flops, peak_bandwidth)
         self.snapshots: list[StepSnapshot] | None = [] if snapshot else None
         self.num_steps = 0
         if cuda_graphs is None:
             cuda_graphs = cuda and self.runner.attention.graph_safe
-        if cuda_graphs:
+            if cuda_graphs and self.runner.attention.needs_tiles:
+                cuda_graphs = "full"
+        if cuda_graphs == "full":      # every step replays a graph of its token bucket (step_graphs.py)
+            if not cuda:
+                raise ConfigError("cuda_graphs='full' needs a CUDA device")
+            if not self.runner.attention.needs_tiles:
+                raise ConfigError(f"cuda_graphs='full' captures attention for whole steps, which only "
+                                  f"attention='triton-unified' can do (got {self.runner.attention.name!r})")
+            self.runner.capture_step_graphs(self.max_num_batched_tokens, self.max_num_seqs)
+        elif cuda_graphs:
             if not cuda:
                 raise ConfigError("cuda_graphs=True needs a CUDA device")
             if not self.runner.attention.graph_safe:
                 raise ConfigError(f"attention={self.runner.attention.name!r} reads host-side lengths and "
                                   "cannot be captured in a CUDA graph; use 'sdpa' or 'triton', or cuda_graphs=False")
+            if self.runner.attention.needs_tiles:
+                raise ConfigError("attention='triton-unified' is captured whole steps at a time: use "
+                                  "cuda_graphs='full' (or None), or cuda_graphs=False")
             sizes = [b for b in (1, 2, 4, 8) if b <= self.max_num_seqs]
             sizes += list(range(16, min(self.max_num_seqs, 512) + 1, 16))
             self.runner.capture_cuda_graphs(sizes)

@@ -118,7 +118,7 @@ class LLM:
                  num_kv_blocks: int | None = None, gpu_memory_fraction: float | None = None,
                  enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True,
                  snapshot: bool = False, tokenizer: Tokenizer | None = None, attention: str | None = None,
-                 cuda_graphs: bool | None = None, peak_flops: float | None = None,
+                 cuda_graphs: bool | str | None = None, peak_flops: float | None = None,
                  peak_bandwidth: float | None = None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)

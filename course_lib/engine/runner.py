@@ -9,7 +9,9 @@ embeddings → per layer LayerNorm, QKV, *write K/V into the pool*, attention ba
 projection, MLP → final LayerNorm and the LM head on the logit rows only.
 
 On CUDA, steps that are pure decode replay a CUDA graph captured for a bucketed batch size:
-the whole forward is one launch, which is what makes batch-1 decode fast.
+the whole forward is one launch, which is what makes batch-1 decode fast. With
+``cuda_graphs="full"`` every step replays a graph of its token-count bucket (step_graphs.py),
+attention being the unified Triton kernel (triton_unified.py).
 Introduced in notebooks/11_inside_an_engine.ipynb.
 """
 
@@ -27,6 +29,20 @@ from .attention import AttentionBackend
 from .block_manager import NULL_BLOCK
 from .kv_cache import PagedKVCache
 from .scheduler import ScheduledSeq, SchedulerOutput
+from .attention_tiles import build_tiles, tile_rows_for
+from .step_graphs import StepGraphs
+
+
+@dataclass
+class TileTable:
+    """Which rows each program of the unified attention kernel covers (triton_unified.py)."""
+
+    seq: torch.Tensor              # (T,) the sequence of each tile
+    row: torch.Tensor              # (T,) the flat row of each tile's first query
+    count: torch.Tensor            # (1,) live tiles; programs past it exit
+    grid: int                      # programs launched along the tile axis (>= live tiles)
+    block_m: int                   # query rows per tile
+    query_start: torch.Tensor      # (B + 1,) cumulative query lengths, on the device
 
 
 @dataclass
@@ -47,6 +63,9 @@ class StepBatch:
     logits_indices: torch.Tensor   # (R,) rows of the flat batch that need logits
     num_decodes: int
     seqs: list[ScheduledSeq] = field(default_factory=list)   # in batch order
+    tiles: TileTable | None = None   # for the unified attention backend
+    padded: bool = False             # rows past the live ones (a captured graph's static batch)
+    graph_tokens: int | None = None  # the step-graph bucket this batch was loaded into
 
     @property
     def num_seqs(self) -> int:
@@ -103,6 +122,7 @@ class ModelRunner:
         self.max_blocks_per_seq = math.ceil(self.config.n_positions / kv_cache.block_size)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_batch: StepBatch | None = None
+        self.step_graphs = None      # StepGraphs, with cuda_graphs="full"
 
     # ------------------------------------------------------------------ metadata
     def prepare(self, sched: SchedulerOutput) -> StepBatch:
@@ -123,16 +143,32 @@ class ModelRunner:
         slots = tables[seq_of_row, pos // bs] * bs + pos % bs                   # (N,)
         qstart = _cumsum(qlens)
         logit_rows = [qstart[i + 1] - 1 for i, s in enumerate(seqs) if s.needs_logits]
+        common = dict(query_start=qstart, key_start=_cumsum(ctx), context_lens_host=ctx,
+                      num_decodes=_leading_ones(qlens), seqs=seqs)
+        bucket = self.step_graphs.bucket_for(len(ids), len(seqs)) if self.step_graphs else None
+        if bucket is not None:       # into the static buffers of a captured step graph
+            ids_d, pos_d, slots_d, ctx_d, rows_d, tables_d = self.step_graphs.load(
+                bucket, ids, pos, slots, logit_rows, ctx, qstart, tables)
+            return StepBatch(input_ids=ids_d, positions=pos_d, slot_mapping=slots_d, context_lens=ctx_d,
+                             block_tables=tables_d, logits_indices=rows_d, graph_tokens=bucket, **common)
         # one host→device copy for everything, then views into it
         parts = [torch.tensor(ids, dtype=torch.long), pos, slots, torch.tensor(ctx, dtype=torch.long),
                  torch.tensor(logit_rows, dtype=torch.long), tables.flatten()]
+        if self.attention.needs_tiles:
+            block_m = tile_rows_for(len(ids))
+            tile_seq, tile_row = build_tiles(qstart, ctx, block_m)
+            parts += [torch.tensor(qstart, dtype=torch.long), torch.tensor(tile_seq, dtype=torch.long),
+                      torch.tensor(tile_row, dtype=torch.long), torch.tensor([len(tile_seq)], dtype=torch.long)]
         flat = torch.cat(parts).to(self.device, non_blocking=True)
-        ids_d, pos_d, slots_d, ctx_d, rows_d, tables_d = flat.split([p.numel() for p in parts])
-        return StepBatch(
-            input_ids=ids_d, positions=pos_d, slot_mapping=slots_d,
-            query_start=qstart, key_start=_cumsum(ctx), context_lens=ctx_d, context_lens_host=ctx,
-            block_tables=tables_d.view(len(seqs), width), logits_indices=rows_d,
-            num_decodes=_leading_ones(qlens), seqs=seqs)
+        ids_d, pos_d, slots_d, ctx_d, rows_d, tables_d, *tile_parts = flat.split([p.numel() for p in parts])
+        tiles = None
+        if tile_parts:
+            qstart_d, seq_d, row_d, count_d = tile_parts
+            tiles = TileTable(seq=seq_d, row=row_d, count=count_d, grid=len(tile_seq), block_m=block_m,
+                              query_start=qstart_d)
+        return StepBatch(input_ids=ids_d, positions=pos_d, slot_mapping=slots_d, context_lens=ctx_d,
+                         block_tables=tables_d.view(len(seqs), width), logits_indices=rows_d, tiles=tiles,
+                         **common)
 
     # ------------------------------------------------------------------ compute
     def mlp(self, block, h: torch.Tensor) -> torch.Tensor:
@@ -159,12 +195,21 @@ class ModelRunner:
         return self.model.lm_head(x)                                   # (R, V)
 
     def execute(self, b: StepBatch) -> torch.Tensor:
+        if b.graph_tokens is not None:                              # a whole-step graph
+            return self.step_graphs.replay(b.graph_tokens, b.logits_indices.shape[0])
         if (self.graphs and b.is_decode_only and b.num_seqs <= max(self.graphs)
                 and b.logits_indices.shape[0] == b.num_seqs):
             return self._replay(b)
         return self.forward(b)
 
     # ------------------------------------------------------------------ CUDA graphs
+    def capture_step_graphs(self, max_tokens: int, max_num_seqs: int) -> None:
+        """Capture the whole forward for every token bucket up to ``max_tokens`` (step_graphs.py)."""
+        if not self.attention.needs_tiles:
+            raise ValueError("whole-step graphs need an attention backend with a tile table (triton-unified)")
+        self.step_graphs = StepGraphs(self, max_tokens, max_num_seqs)
+        self.step_graphs.capture()
+
     def allocate_static_batch(self, max_batch: int) -> None:
         """Fixed buffers a captured graph reads: the decode batch of ``max_batch`` rows."""
         M, dev = self.max_blocks_per_seq, self.device

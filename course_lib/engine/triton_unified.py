@@ -1,0 +1,172 @@
+"""One attention kernel for every row of a step: decodes, fresh prefills, cached prefixes, chunks.
+
+The idea (FlashAttention over a paged cache). The step's new query rows lie end to end, sequence
+after sequence (``query_start`` holds where each sequence's rows begin). We cut every sequence's
+rows into *tiles* of ``BLOCK_M`` consecutive rows; a tile never spans two sequences, so a decode
+row is a tile of its own and a 1000-token prefill is ``ceil(1000 / BLOCK_M)`` tiles. One program
+handles one (tile, head) pair:
+
+1. load the tile's queries ``(BLOCK_M, Dh)``; row ``r`` of sequence ``s`` sits at absolute position
+   ``pos = context_len[s] - query_len[s] + (r - query_start[s])`` (the cached prefix comes first);
+2. walk the keys ``BLOCK_N`` at a time from position 0 up to the tile's *last* position only:
+   key blocks past it are masked for every row, so they are never loaded — this is where causal
+   attention saves half the work of full attention. Key ``t`` lives in the paged pool at slot
+   ``block_table[s, t // block_size] * block_size + t % block_size`` (as in triton_decode.py);
+3. scores ``Q Kᵀ`` with ``tl.dot`` (fp32 accumulation), the causal mask by absolute position
+   (``t <= pos``), then the online softmax: a running row maximum ``m``, a running sum ``l`` of
+   ``exp(score - m)`` and an accumulator of ``exp(score - m) @ V``, rescaled by ``exp(m_old - m_new)``
+   whenever the maximum grows. Nothing of size (rows × keys) is ever stored;
+4. divide by ``l`` and store the tile's live rows.
+
+Why "unified": the launch shape is *static*. The grid is ``(max_tiles, H)`` for a given number of
+tokens; which tile a program works on comes from a device table (``tile_seq``, ``tile_row``) and
+``num_tiles`` (programs past it exit at once). So a CUDA graph captured once per token-count bucket
+can replay any mix of sequences: only the tables' contents change from step to step.
+
+Runs on CPU through the Triton interpreter when ``TRITON_INTERPRET=1`` is set before this module is
+imported (tests/test_engine_unified.py); the interpreter computes bf16 ``tl.dot`` wrongly, so
+interpreted runs multiply in fp32. Introduced in notebooks/12_flash_attention.ipynb.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_tiles import build_tiles, max_tiles, tile_rows_for  # noqa: F401  (the host side)
+
+LOG2_E = 1.4426950408889634          # exp(x) = exp2(x * log2(e)); exp2 is the hardware instruction
+
+
+@triton.jit
+def _attend_key_block(q, m, l, acc, start, key_end, pos, seq, head, d, d_ok, k_ptr, v_ptr, tables_ptr, qk_scale,
+                      stride_kblock, stride_kslot, stride_kh, stride_tb,
+                      BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """Keys ``start..start+BLOCK_N-1`` of one sequence folded into the running (m, l, acc) of a tile."""
+    t = start + tl.arange(0, BLOCK_N)                     # (BLOCK_N,) key positions
+    t_ok = t < key_end
+    block = tl.load(tables_ptr + seq * stride_tb + t // BLOCK_SIZE, mask=t_ok, other=0)
+    slot = block.to(tl.int64) * stride_kblock + (t % BLOCK_SIZE) * stride_kslot + head * stride_kh
+    kv_ok = t_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + slot[:, None] + d[None, :], mask=kv_ok, other=0.0)   # (BLOCK_N, Dh)
+    v = tl.load(v_ptr + slot[:, None] + d[None, :], mask=kv_ok, other=0.0)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))                        # (BLOCK_M, BLOCK_N), fp32
+    s = s * qk_scale
+    causal = (t[None, :] <= pos[:, None]) & t_ok[None, :]   # key 0 is always visible: no NaN
+    s = tl.where(causal, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp2(m - m_new)                            # rescales what was summed so far
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    m = m_new
+    return m, l, acc
+
+
+@triton.jit
+def _unified_attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr,
+    tables_ptr, context_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr, num_tiles_ptr,
+    qk_scale,                                    # log2(e) / sqrt(Dh)
+    stride_qn, stride_qh,                        # q: (N, H, Dh)
+    stride_kblock, stride_kslot, stride_kh,      # k, v pools: (blocks, block_size, H, Dh), same strides
+    stride_on, stride_oh,                        # out: (N, H, Dh)
+    stride_tb,                                   # block tables: (B, M)
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    WHILE_LOOP: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    if tile >= tl.load(num_tiles_ptr):           # a padded program of the static grid
+        return
+    seq = tl.load(tile_seq_ptr + tile).to(tl.int64)
+    first = tl.load(tile_row_ptr + tile).to(tl.int64)         # flat row of the tile's first query
+    q_start = tl.load(query_start_ptr + seq).to(tl.int64)
+    q_end = tl.load(query_start_ptr + seq + 1).to(tl.int64)
+    context = tl.load(context_lens_ptr + seq).to(tl.int64)    # keys of this sequence: prefix + new
+    prefix = context - (q_end - q_start)                       # keys cached before this step
+
+    rows = first + tl.arange(0, BLOCK_M)                       # (BLOCK_M,) flat query rows
+    row_ok = rows < q_end
+    pos = prefix + (rows - q_start)                            # absolute positions of the queries
+    key_end = prefix + tl.minimum(first + BLOCK_M, q_end) - q_start   # keys 0..key_end-1 matter
+
+    d = tl.arange(0, HEAD_DIM_P2)
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + rows[:, None] * stride_qn + head * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)          # (BLOCK_M, Dh)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)       # running max of the scores (log2 units)
+    l = tl.zeros((BLOCK_M,), tl.float32)                      # running sum of 2^(score - m)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM_P2), tl.float32)        # running sum of 2^(score - m) * v
+    if WHILE_LOOP:        # the interpreter cannot range() over a loaded value; compiled code can (and pipelines it)
+        start = key_end * 0
+        while start < key_end:
+            m, l, acc = _attend_key_block(q, m, l, acc, start, key_end, pos, seq, head, d, d_ok, k_ptr, v_ptr,
+                                          tables_ptr, qk_scale, stride_kblock, stride_kslot, stride_kh, stride_tb,
+                                          BLOCK_SIZE, BLOCK_N, DOT_FP32, IEEE)
+            start += BLOCK_N
+    else:
+        for start in range(0, key_end, BLOCK_N):
+            m, l, acc = _attend_key_block(q, m, l, acc, start, key_end, pos, seq, head, d, d_ok, k_ptr, v_ptr,
+                                          tables_ptr, qk_scale, stride_kblock, stride_kslot, stride_kh, stride_tb,
+                                          BLOCK_SIZE, BLOCK_N, DOT_FP32, IEEE)
+    out = acc / l[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_on + head * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, context_lens: torch.Tensor, query_start: torch.Tensor,
+                      tile_seq: torch.Tensor, tile_row: torch.Tensor, num_tiles: torch.Tensor,
+                      grid_tiles: int, block_m: int, out: torch.Tensor | None = None,
+                      block_n: int = 64) -> torch.Tensor:
+    """Causal attention of every new query row ``q`` (N, H, Dh) against its sequence's keys → (N, H, Dh).
+
+    ``k_cache``/``v_cache``: one layer of the pool ``(blocks, block_size, H, Dh)``, already holding the
+    new tokens' K/V. Per sequence (B of them): ``block_tables`` (B, M), ``context_lens`` (B,),
+    ``query_start`` (B + 1,). Per tile: ``tile_seq``, ``tile_row`` (from :func:`build_tiles`, built
+    with the same ``block_m``); ``num_tiles`` (1,) live tiles; ``grid_tiles`` >= that, a fixed launch
+    size. All device tensors, no host synchronisation: safe inside a CUDA graph. Rows not covered by
+    a tile (padding) are left as they are in ``out``.
+    """
+    N, H, Dh = q.shape
+    if k_cache.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("unified_attention needs the head dimension contiguous")
+    if out is None:
+        out = torch.empty_like(q)
+    fp32 = q.dtype == torch.float32
+    _unified_attention_kernel[(grid_tiles, H)](
+        q, k_cache, v_cache, out,
+        block_tables, context_lens, query_start, tile_seq, tile_row, num_tiles,
+        LOG2_E / math.sqrt(Dh),
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        HEAD_DIM=Dh, HEAD_DIM_P2=max(16, triton.next_power_of_2(Dh)), BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=fp32 or _interpreting(),
+        IEEE=fp32 and not _interpreting(), WHILE_LOOP=_interpreting(),
+        num_warps=4, num_stages=2,
+    )
+    return out
