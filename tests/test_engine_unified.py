@@ -1,0 +1,213 @@
+"""The unified attention kernel and whole-step graphs, on CPU.
+
+The kernel runs through the Triton interpreter (TRITON_INTERPRET=1 must be set before it is
+defined, so those checks run in a fresh process); the host-side tile table and bucket logic are
+checked directly. The GPU side (real graphs, timings, transformers) is tests/test_engine_unified_gpu.py.
+"""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from course_lib.engine.attention_tiles import build_tiles, max_tiles, tile_rows_for
+from course_lib.engine.step_graphs import StepInputs, token_buckets
+from course_lib.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------- host side, no Triton
+def test_tiles_cover_every_row_once_and_never_span_two_sequences():
+    rng = random.Random(0)
+    for _ in range(200):
+        B = rng.randint(1, 12)
+        qlens = [rng.choice([1, 1, rng.randint(1, 200)]) for _ in range(B)]
+        ctx = [q + rng.choice([0, rng.randint(0, 300)]) for q in qlens]
+        qstart = [0]
+        for q in qlens:
+            qstart.append(qstart[-1] + q)
+        N = qstart[-1]
+        for block_m in (16, 64):
+            seqs, rows = build_tiles(qstart, ctx, block_m)
+            assert len(seqs) <= max_tiles(N, B, block_m)                       # the static grid is enough
+            covered = []
+            for s, r in zip(seqs, rows):
+                assert qstart[s] <= r < qstart[s + 1]                          # the tile starts in its sequence
+                covered += range(r, min(r + block_m, qstart[s + 1]))           # ...and stops at its end
+            assert sorted(covered) == list(range(N))                          # every row exactly once
+            keys = [ctx[s] - qstart[s + 1] + min(r + block_m, qstart[s + 1]) for s, r in zip(seqs, rows)]
+            assert keys == sorted(keys, reverse=True)                         # heaviest tiles first
+
+
+def test_token_buckets_and_static_buffers():
+    assert token_buckets(1) == [1]
+    assert token_buckets(300) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    b = token_buckets(8192)
+    assert b[:10] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512] and b[-1] == 8192 and len(b) == 25
+    assert all(y - x == 512 for x, y in zip(b[9:], b[10:]))
+    assert token_buckets(1000)[-1] == 1024
+    assert tile_rows_for(256) == 16 and tile_rows_for(257) == 64
+
+    import torch
+
+    inp = StepInputs(8, max_num_seqs=4, max_blocks=3, device="cpu")
+    assert inp.num_seqs == 4 and inp.views["block_tables"].shape == (4, 3)
+    host = inp.host_image([5, 6, 7], [0, 1, 9], [40, 41, 77], [1, 2], [2, 10], [0, 2, 3], [0, 1], [0, 2],
+                          torch.tensor([[3, 0], [4, 7]]))
+    inp.flat.copy_(host)
+    v = inp.views
+    assert v["input_ids"].tolist() == [5, 6, 7, 0, 0, 0, 0, 0]
+    assert v["slot_mapping"].tolist() == [40, 41, 77, 0, 0, 0, 0, 0]      # padded rows: the null block
+    assert v["logits_indices"].tolist() == [1, 2, 0, 0]
+    assert v["num_tiles"].tolist() == [2]
+    assert v["block_tables"].tolist() == [[3, 0, 0], [4, 7, 0], [0, 0, 0], [0, 0, 0]]
+
+
+def test_unified_backend_config_errors():
+    from course_lib.engine import LLM
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ConfigError, match="CUDA GPU"):
+            LLM("tiny", attention="triton-unified")
+    with pytest.raises(ConfigError, match="'full'"):
+        LLM("tiny", cuda_graphs="fulll")
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        LLM("tiny", cuda_graphs="full", attention="torch")
+
+
+# ---------------------------------------------------------------------- the kernel, interpreted
+KERNEL = r"""
+import torch
+from course_lib.engine.triton_unified import unified_attention, build_tiles, max_tiles
+from course_lib.engine.attention import TorchAttention
+from course_lib.engine.kv_cache import PagedKVCache
+from course_lib.config import GPTConfig
+
+torch.manual_seed(0)
+# (query rows, keys): decodes, fresh prefills, a cached prefix, a chunk in the middle of a prompt
+MIX = [(1, 1), (1, 40), (23, 23), (5, 5), (17, 70), (1, 9), (40, 95), (16, 16)]
+cases = [(2, 32, 1, torch.float32, 16), (2, 32, 7, torch.bfloat16, 64), (2, 64, 16, torch.float32, 64),
+         (2, 64, 7, torch.float32, 16), (1, 64, 1, torch.bfloat16, 16), (2, 32, 16, torch.bfloat16, 16)]
+for H, D, bs, dtype, block_m in cases:
+    cfg = GPTConfig(vocab_size=50, n_positions=128, n_embd=H * D, n_layer=1, n_head=H)
+    num_blocks = sum(-(-c // bs) for _, c in MIX) + 5
+    kv = PagedKVCache(cfg, num_blocks=num_blocks, block_size=bs, dtype=dtype)
+    kv.pool.normal_()
+    kv.pool[:, :, 0] = float("nan")                    # the null block: never read
+    perm = torch.randperm(num_blocks)[:sum(-(-c // bs) for _, c in MIX)] + 1   # scattered blocks
+    need = [-(-c // bs) for _, c in MIX]
+    tables = torch.zeros(len(MIX), max(need) + 2, dtype=torch.int32)         # padded with the null block
+    at = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = perm[at:at + n].to(torch.int32)
+        at += n
+    qstart = [0]
+    for q, _ in MIX:
+        qstart.append(qstart[-1] + q)
+    ctx = [c for _, c in MIX]
+    N, pad = qstart[-1], 5                              # 5 padded rows past the live ones
+    q = torch.randn(N + pad, H, D, dtype=dtype)
+    seqs, rows = build_tiles(qstart, ctx, block_m)
+    grid = max_tiles(N + pad, len(MIX), block_m) + 3    # more programs than tiles: the extra ones exit
+    as_t = lambda xs: torch.tensor(xs + [0] * (grid - len(xs)), dtype=torch.long)
+    out = torch.full_like(q, float("nan"))              # poison: every live row must be written
+    unified_attention(q, kv.k[0], kv.v[0], tables, torch.tensor(ctx, dtype=torch.int32),
+                      torch.tensor(qstart, dtype=torch.int32), as_t(seqs), as_t(rows),
+                      torch.tensor([len(seqs)]), grid, block_m, out=out, block_n=16)
+    assert not out[:N].isnan().any(), (H, D, bs, dtype, "a live row was not written")
+    assert out[N:].isnan().all(), "padded rows belong to no tile and stay untouched"
+
+    ref_kv = kv
+    if dtype != torch.float32:
+        ref_kv = PagedKVCache(cfg, num_blocks=num_blocks, block_size=bs)
+        ref_kv.pool.copy_(kv.pool.float())
+    class Batch:                                        # what TorchAttention reads
+        context_lens_host = ctx
+        block_tables = tables
+    ref = torch.cat([TorchAttention().prefill(q[a:b].float(), None, None, ref_kv, 0, Batch, i)
+                     for i, (a, b) in enumerate(zip(qstart, qstart[1:]))])
+    err = (out[:N].float() - ref).abs().max().item()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert err < tol, (H, D, bs, dtype, block_m, err)
+    print("case", H, D, bs, str(dtype), block_m, "err", err)
+print("unified kernel ok")
+"""
+
+ENGINE = r"""
+import torch
+from course_lib.engine import LLM, SamplingParams
+from course_lib.model import GPT
+from course_lib.config import GPTConfig
+
+cfg = GPTConfig(vocab_size=97, n_positions=64, n_embd=64, n_layer=2, n_head=2)
+torch.manual_seed(1)
+model = GPT(cfg).eval()
+base = torch.randint(0, 97, (20,)).tolist()
+prompts = [torch.randint(0, 97, (n,)).tolist() for n in (2, 9, 14, 20, 31)]
+prompts += [base + [1, 2], base + [3], base[:13]]                # shared prefixes: cache hits
+p = SamplingParams(max_tokens=7, ignore_eos=True)
+want = [o.token_ids for o in LLM(model, block_size=4, attention="torch").generate(prompts, p)]
+
+# chunked prefill, prefix hits and a pool small enough to preempt, through the unified kernel
+llm = LLM(model, block_size=4, attention="triton-unified", max_num_batched_tokens=16, num_kv_blocks=20)
+assert [o.token_ids for o in llm.generate(prompts, p)] == want
+eng = llm.engine
+assert eng.scheduler.num_preemptions > 0 and eng.block_manager.num_hit_tokens > 0
+assert any(r.num_prefill_tokens and r.num_decode_tokens for r in eng.ledger.records)    # mixed steps
+print("engine ok", eng.scheduler.num_preemptions, eng.block_manager.num_hit_tokens)
+
+# whole-step graphs with an eager stand-in for the CUDA graph (the CPU has none): the static
+# buffers, buckets, padding and tile tables of every step, replayed through the same forward
+from course_lib.engine.step_graphs import StepGraphs, StepInputs
+
+llm = LLM(model, block_size=4, attention="triton-unified", max_num_batched_tokens=24, max_num_seqs=6)
+runner = llm.engine.runner
+graphs = StepGraphs(runner, 24, 6)
+replays = []
+
+class EagerGraph:
+    def __init__(self, N, batch):
+        self.N, self.batch = N, batch
+        self.out = torch.zeros(batch.logits_indices.shape[0], cfg.vocab_size)
+
+    def replay(self):
+        replays.append(self.N)
+        assert self.batch.input_ids.shape[0] == self.N and self.batch.padded
+        self.out.copy_(runner.forward(self.batch))
+
+for N in graphs.buckets:
+    inp = graphs.inputs[N] = StepInputs(N, 6, runner.max_blocks_per_seq, "cpu")
+    g = EagerGraph(N, graphs.static_batch(inp))
+    graphs.graphs[N] = (g, g.out)
+runner.step_graphs = graphs
+assert [o.token_ids for o in llm.generate(prompts, p)] == want
+assert set(replays) <= set(graphs.buckets) and len(set(replays)) >= 3, replays
+assert max(replays) == 32                              # 24-token steps run padded in the 32 bucket
+assert llm.engine.kv_cache.pool[:, :, 0].abs().sum() > 0  # padded rows wrote to the null block...
+llm.engine.kv_cache.pool[:, :, 0] = float("nan")          # ...which no real row ever reads
+assert [o.token_ids for o in llm.generate(prompts, p)] == want
+print("step graphs ok", sorted(set(replays)))
+"""
+
+
+def _interpret(script: str, marker: str):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert marker in r.stdout
+    return r.stdout
+
+
+def test_unified_kernel_matches_reference_in_interpreter():
+    pytest.importorskip("triton")
+    _interpret(KERNEL, "unified kernel ok")
+
+
+def test_engine_with_unified_kernel_and_step_graphs_in_interpreter():
+    pytest.importorskip("triton")
+    _interpret(ENGINE, "step graphs ok")
