@@ -125,6 +125,9 @@ def hf_serving(model, prompts, output_lens, timeout_s) -> float:
     return produced / secs
 
 
+GRAPH_MODES = {"auto": None, "decode": True, "full": "full", "off": False}   # --engine-graphs → cuda_graphs
+
+
 # ------------------------------------------------------------------ one model, every system
 def run_model(shape, args, device, dtype, peaks, runs):
     log(f"== {shape}: random weights")
@@ -200,9 +203,13 @@ def run_model(shape, args, device, dtype, peaks, runs):
         llm = LLM(model, device=device, dtype=dtype, block_size=args.block_size,
                   max_num_batched_tokens=max(args.max_num_batched_tokens, max(args.prefill_batches) * T),
                   max_num_seqs=args.max_num_seqs, gpu_memory_fraction=0.85 if device.type == "cuda" else None,
-                  enable_prefix_caching=True)
+                  enable_prefix_caching=True, attention=args.engine_attention,
+                  cuda_graphs=GRAPH_MODES[args.engine_graphs])
+        runner = llm.engine.runner
+        graphs = (f"whole steps, {len(runner.step_graphs.buckets)} token buckets" if runner.step_graphs
+                  else f"decode {sorted(runner.graphs)[-1:]}" if runner.graphs else "off")
         log(f"  engine ready in {time.perf_counter() - t:.1f} s: {llm.engine.block_manager.num_blocks} KV blocks, "
-            f"attention={llm.engine.runner.attention.name}, cuda graphs={sorted(llm.engine.runner.graphs)[-1:] or 'off'}")
+            f"attention={runner.attention.name}, cuda graphs: {graphs}")
         if "prefill" in args.workloads:
             for b in args.prefill_batches:
                 r = B.engine_prefill(llm, b, T, peaks)
@@ -286,6 +293,10 @@ def main(argv=None):
     p.add_argument("--hf-timeout", type=float, default=400, help="seconds before HF serving is given up")
     p.add_argument("--quick", action="store_true", help="64 requests, 32 decode steps")
     p.add_argument("--smoke", action="store_true", help="CPU-sized shapes, seconds; for CI")
+    p.add_argument("--engine-graphs", choices=sorted(GRAPH_MODES), default="auto",
+                   help="CUDA graphs: auto (the engine's default), decode (decode-only steps), "
+                        "full (every step, with the triton-unified attention kernel), off")
+    p.add_argument("--engine-attention", default=None, help="attention backend (default: the engine's choice)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)

@@ -49,7 +49,7 @@ def _attend_key_block(q, m, l, acc, start, key_end, pos, seq, head, d, d_ok, k_p
     """Keys ``start..start+BLOCK_N-1`` of one sequence folded into the running (m, l, acc) of a tile."""
     t = start + tl.arange(0, BLOCK_N)                     # (BLOCK_N,) key positions
     t_ok = t < key_end
-    block = tl.load(tables_ptr + seq * stride_tb + t // BLOCK_SIZE, mask=t_ok, other=0)
+    block = tl.load(tables_ptr + seq.to(tl.int64) * stride_tb + t // BLOCK_SIZE, mask=t_ok, other=0)
     slot = block.to(tl.int64) * stride_kblock + (t % BLOCK_SIZE) * stride_kslot + head * stride_kh
     kv_ok = t_ok[:, None] & d_ok[None, :]
     k = tl.load(k_ptr + slot[:, None] + d[None, :], mask=kv_ok, other=0.0)   # (BLOCK_N, Dh)
@@ -93,11 +93,12 @@ def _unified_attention_kernel(
     head = tl.program_id(1)
     if tile >= tl.load(num_tiles_ptr):           # a padded program of the static grid
         return
-    seq = tl.load(tile_seq_ptr + tile).to(tl.int64)
-    first = tl.load(tile_row_ptr + tile).to(tl.int64)         # flat row of the tile's first query
-    q_start = tl.load(query_start_ptr + seq).to(tl.int64)
-    q_end = tl.load(query_start_ptr + seq + 1).to(tl.int64)
-    context = tl.load(context_lens_ptr + seq).to(tl.int64)    # keys of this sequence: prefix + new
+    # rows and positions fit in int32; only pointer offsets into the pool need int64
+    seq = tl.load(tile_seq_ptr + tile).to(tl.int32)
+    first = tl.load(tile_row_ptr + tile).to(tl.int32)         # flat row of the tile's first query
+    q_start = tl.load(query_start_ptr + seq).to(tl.int32)
+    q_end = tl.load(query_start_ptr + seq + 1).to(tl.int32)
+    context = tl.load(context_lens_ptr + seq).to(tl.int32)    # keys of this sequence: prefix + new
     prefix = context - (q_end - q_start)                       # keys cached before this step
 
     rows = first + tl.arange(0, BLOCK_M)                       # (BLOCK_M,) flat query rows
@@ -107,7 +108,8 @@ def _unified_attention_kernel(
 
     d = tl.arange(0, HEAD_DIM_P2)
     d_ok = d < HEAD_DIM
-    q = tl.load(q_ptr + rows[:, None] * stride_qn + head * stride_qh + d[None, :],
+    q_rows = rows.to(tl.int64) * stride_qn + head * stride_qh                  # (BLOCK_M,) int64
+    q = tl.load(q_ptr + q_rows[:, None] + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)          # (BLOCK_M, Dh)
     if DOT_FP32:
         q = q.to(tl.float32)
@@ -128,7 +130,8 @@ def _unified_attention_kernel(
                                           tables_ptr, qk_scale, stride_kblock, stride_kslot, stride_kh, stride_tb,
                                           BLOCK_SIZE, BLOCK_N, DOT_FP32, IEEE)
     out = acc / l[:, None]
-    tl.store(out_ptr + rows[:, None] * stride_on + head * stride_oh + d[None, :],
+    out_rows = rows.to(tl.int64) * stride_on + head * stride_oh
+    tl.store(out_ptr + out_rows[:, None] + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
