@@ -26,6 +26,7 @@ Introduced in notebooks/12_flash_attention.ipynb.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .attention_tiles import build_tiles, max_tiles, tile_rows_for
@@ -59,25 +60,31 @@ class StepInputs:
             self.offsets[name] = at
             at += n
         self.flat = torch.zeros(at, dtype=torch.long, device=device)
+        self.host = np.zeros(at, dtype=np.int64)             # its image on the host, refilled every step
         self.views = dict(zip(self.sizes, self.flat.split(list(self.sizes.values()))))
         self.views["block_tables"] = self.views["block_tables"].view(S, M)
 
     def host_image(self, ids, positions, slots, logit_rows, context_lens, query_start, tile_seq, tile_row,
                    tables: torch.Tensor) -> torch.Tensor:
-        """The buffer's contents for one step, on the host; unused entries 0 (padding → null block)."""
-        host = torch.zeros(self.flat.numel(), dtype=torch.long)
+        """The buffer's contents for one step, on the host; unused entries 0 (padding → null block).
+
+        A numpy array (single-threaded: a few small copies, no thread pool to wake) that is reused:
+        copying from pageable memory returns once the data is staged, so refilling it for the next
+        step cannot race the previous transfer."""
+        host = self.host
+        host.fill(0)
         for name, value in (("input_ids", ids), ("positions", positions), ("slot_mapping", slots),
                             ("logits_indices", logit_rows), ("context_lens", context_lens),
                             ("query_start", query_start), ("tile_seq", tile_seq), ("tile_row", tile_row)):
             n = len(value)
             if n:
                 at = self.offsets[name]
-                host[at:at + n] = torch.as_tensor(value, dtype=torch.long)
+                host[at:at + n] = value.numpy() if isinstance(value, torch.Tensor) else value
         host[self.offsets["num_tiles"]] = len(tile_seq)
         B, width = tables.shape
         at = self.offsets["block_tables"]
-        host[at:at + self.num_seqs * self.max_blocks].view(self.num_seqs, self.max_blocks)[:B, :width] = tables
-        return host
+        host[at:at + self.num_seqs * self.max_blocks].reshape(self.num_seqs, self.max_blocks)[:B, :width] = tables.numpy()
+        return torch.from_numpy(host)
 
 
 class StepGraphs:
