@@ -4,8 +4,9 @@ The path of a request, one file per idea (read them in this order):
 
 ``llm.py`` (public :class:`LLM`) → ``engine.py`` (the step loop) → ``scheduler.py`` (who gets
 how many tokens) → ``block_manager.py`` (paged KV blocks, prefix cache) → ``runner.py`` (flat
-batch through the weights, CUDA graphs) → ``attention.py`` / ``triton_decode.py`` (attention over
-the paged ``kv_cache.py``) → ``sampler.py``; around them ``sequence.py`` (request state),
+batch through the weights, CUDA graphs; whole-step graphs in ``step_graphs.py``) → ``attention.py``
+/ ``triton_decode.py`` / ``triton_unified.py`` + ``attention_tiles.py`` (attention over the paged
+``kv_cache.py``) → ``sampler.py``; around them ``sequence.py`` (request state),
 ``metrics.py`` (ledger, MFU/MBU, TTFT/TPOT) and ``snapshot.py`` (the glass box).
 Introduced in notebooks/11_inside_an_engine.ipynb.
 """
