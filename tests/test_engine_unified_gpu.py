@@ -128,3 +128,15 @@ def test_gpu_full_graphs_fp32_block_sizes_prefix_and_preemption(ckpt, block_size
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.block_manager.num_hit_tokens > 0
     _check_close(ours, _hf(ckpt, torch.float32, prompts, max_tokens), atol=0.01)
+
+
+def test_gpu_full_graphs_need_the_unified_backend(ckpt):
+    from course_lib.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="triton-unified"):
+        LLM(ckpt, device="cuda", cuda_graphs="full", attention="sdpa", num_kv_blocks=64)
+    with pytest.raises(ConfigError, match="cuda_graphs='full'"):
+        LLM(ckpt, device="cuda", cuda_graphs=True, attention="triton-unified", num_kv_blocks=64)
+    llm = LLM(ckpt, device="cuda", attention="triton-unified", num_kv_blocks=64, max_num_batched_tokens=512)
+    assert llm.engine.runner.step_graphs is not None               # None picks whole-step graphs for it
+    assert llm.engine.runner.step_graphs.buckets[-1] == 512

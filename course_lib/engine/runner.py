@@ -177,8 +177,9 @@ class ModelRunner:
         return block.mlp.c_proj(gelu(block.mlp.c_fc(h), block.mlp.activation))
 
     @torch.no_grad()
-    def forward(self, b: StepBatch) -> torch.Tensor:
-        """Logits ``(R, V)`` for the rows in ``b.logits_indices``; writes every new token's K/V."""
+    def forward(self, b: StepBatch, logits_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(R, V)`` for the rows in ``b.logits_indices``; writes every new token's K/V.
+        ``logits_out`` (R, V): write them there (the step graphs share one logits buffer)."""
         tr = self.model.transformer
         N = b.input_ids.shape[0]
         D, H = self.config.n_embd, self.config.n_head
@@ -192,6 +193,8 @@ class ModelRunner:
             x = x + block.attn.c_proj(o.reshape(N, D))
             x = x + self.mlp(block, block.ln_2(x))
         x = tr.ln_f(x[b.logits_indices])                               # (R, D): only rows that sample
+        if logits_out is not None:
+            return torch.mm(x, self.model.lm_head.weight.t(), out=logits_out)   # (R, V)
         return self.model.lm_head(x)                                   # (R, V)
 
     def execute(self, b: StepBatch) -> torch.Tensor:

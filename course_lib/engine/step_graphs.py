@@ -19,8 +19,9 @@ How. A graph replays *fixed* kernels on *fixed* addresses with *fixed* shapes, s
   attention tile; logit rows past the live ones point at row 0 and are dropped.
 
 All graphs are captured eagerly at start-up, largest bucket first, into one shared memory pool:
-each smaller graph reuses the largest one's activation memory, and no request ever waits for a
-capture in the middle of serving (a capture costs one warm-up forward plus the capture itself).
+each smaller graph reuses the largest one's activation memory, all of them write their logits
+into one shared ``(S, V)`` buffer, and no request ever waits for a capture in the middle of
+serving (a capture costs one warm-up forward plus the capture itself).
 Introduced in notebooks/12_flash_attention.ipynb.
 """
 
@@ -114,18 +115,22 @@ class StepGraphs:
         no live tile, every row writes the null block — a harmless step to warm up on)."""
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
+        weight = self.runner.model.lm_head.weight
+        rows = min(max(self.buckets), self.max_num_seqs)
+        logits = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)   # (S_max, V)
         for N in sorted(self.buckets, reverse=True):
             inp = StepInputs(N, self.max_num_seqs, self.runner.max_blocks_per_seq, self.runner.device)
             self.inputs[N] = inp
             batch = self.static_batch(inp)
+            out = logits[:inp.num_seqs]                      # every graph writes the same logits buffer
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):                  # warm up: compile kernels, pick algorithms
-                self.runner.forward(batch)
+                self.runner.forward(batch, logits_out=out)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self.runner.forward(batch)          # (S, V)
-            self.graphs[N] = (graph, logits)
+                self.runner.forward(batch, logits_out=out)   # (S, V)
+            self.graphs[N] = (graph, out)
         torch.cuda.synchronize()
 
     def bucket_for(self, num_tokens: int, num_seqs: int) -> int | None:
