@@ -1,0 +1,47 @@
+"""Execute notebooks top to bottom and keep the executed copies (for a GPU machine without Jupyter's CLI).
+
+    COURSE_SAVE_FIGURES=1 python benchmarks/run_notebooks.py notebooks/07_prefill.ipynb ... --out DIR
+
+Each notebook runs in a fresh kernel with cwd = notebooks/; a failing cell (an assert) stops that
+notebook and is reported. Executed notebooks go to DIR so their printed measurements can be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("notebooks", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--timeout", type=int, default=600, help="seconds per cell")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path in map(Path, a.notebooks):
+        nb = nbformat.read(path, as_version=4)
+        client = NotebookClient(nb, timeout=a.timeout, kernel_name="python3",
+                                resources={"metadata": {"path": str(path.parent)}})
+        t = time.perf_counter()
+        try:
+            client.execute()
+            status = "ok"
+        except CellExecutionError as e:
+            status = "FAILED: " + str(e).strip().splitlines()[-1][:300]
+            failed += 1
+        nbformat.write(nb, out / path.name)
+        print(f"{path.name}: {status} ({time.perf_counter() - t:.1f} s)", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
