@@ -13,7 +13,8 @@ handles one (tile, head) pair:
    attention saves half the work of full attention. Key ``t`` lives in the paged pool at slot
    ``block_table[s, t // block_size] * block_size + t % block_size`` (as in triton_decode.py);
 3. scores ``Q Kᵀ`` with ``tl.dot`` (fp32 accumulation), the causal mask by absolute position
-   (``t <= pos``), then the online softmax: a running row maximum ``m``, a running sum ``l`` of
+   (``t <= pos``; only the blocks that straddle the diagonal need it: keys before the tile's first
+   position are visible to all its rows), then the online softmax: a running row maximum ``m``, a running sum ``l`` of
    ``exp(score - m)`` and an accumulator of ``exp(score - m) @ V``, rescaled by ``exp(m_old - m_new)``
    whenever the maximum grows. Nothing of size (rows × keys) is ever stored;
 4. divide by ``l`` and store the tile's live rows.
@@ -45,8 +46,10 @@ LOG2_E = 1.4426950408889634          # exp(x) = exp2(x * log2(e)); exp2 is the h
 @triton.jit
 def _attend_key_block(q, m, l, acc, start, key_end, pos, seq, head, d, d_ok, k_ptr, v_ptr, tables_ptr, qk_scale,
                       stride_kblock, stride_kslot, stride_kh, stride_tb,
-                      BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
-    """Keys ``start..start+BLOCK_N-1`` of one sequence folded into the running (m, l, acc) of a tile."""
+                      BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                      DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """Keys ``start..start+BLOCK_N-1`` of one sequence folded into the running (m, l, acc) of a tile.
+    ``MASKED=False``: every key is visible to every row (all lie before the tile's first position)."""
     t = start + tl.arange(0, BLOCK_N)                     # (BLOCK_N,) key positions
     t_ok = t < key_end
     block = tl.load(tables_ptr + seq.to(tl.int64) * stride_tb + t // BLOCK_SIZE, mask=t_ok, other=0)
@@ -62,8 +65,9 @@ def _attend_key_block(q, m, l, acc, start, key_end, pos, seq, head, d, d_ok, k_p
     else:
         s = tl.dot(q, tl.trans(k))                        # (BLOCK_M, BLOCK_N), fp32
     s = s * qk_scale
-    causal = (t[None, :] <= pos[:, None]) & t_ok[None, :]   # key 0 is always visible: no NaN
-    s = tl.where(causal, s, float("-inf"))
+    if MASKED:                                            # the diagonal: key t counts for rows with pos >= t
+        causal = (t[None, :] <= pos[:, None]) & t_ok[None, :]   # key 0 is always visible: no NaN
+        s = tl.where(causal, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
     alpha = tl.exp2(m - m_new)                            # rescales what was summed so far
     p = tl.exp2(s - m_new[:, None])
@@ -72,7 +76,27 @@ def _attend_key_block(q, m, l, acc, start, key_end, pos, seq, head, d, d_ok, k_p
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    m = m_new
+    return m_new, l, acc
+
+
+@triton.jit
+def _attend_key_range(q, m, l, acc, lo, hi, key_end, pos, seq, head, d, d_ok, k_ptr, v_ptr, tables_ptr, qk_scale,
+                      stride_kblock, stride_kslot, stride_kh, stride_tb,
+                      BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                      DOT_FP32: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    """The key blocks starting at ``lo, lo + BLOCK_N, ...`` below ``hi``, one after the other."""
+    if WHILE_LOOP:        # the interpreter cannot range() over a loaded value; compiled code can (and pipelines it)
+        start = lo
+        while start < hi:
+            m, l, acc = _attend_key_block(q, m, l, acc, start, key_end, pos, seq, head, d, d_ok, k_ptr, v_ptr,
+                                          tables_ptr, qk_scale, stride_kblock, stride_kslot, stride_kh, stride_tb,
+                                          BLOCK_SIZE, BLOCK_N, MASKED, DOT_FP32, IEEE)
+            start += BLOCK_N
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            m, l, acc = _attend_key_block(q, m, l, acc, start, key_end, pos, seq, head, d, d_ok, k_ptr, v_ptr,
+                                          tables_ptr, qk_scale, stride_kblock, stride_kslot, stride_kh, stride_tb,
+                                          BLOCK_SIZE, BLOCK_N, MASKED, DOT_FP32, IEEE)
     return m, l, acc
 
 
@@ -117,18 +141,15 @@ def _unified_attention_kernel(
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)       # running max of the scores (log2 units)
     l = tl.zeros((BLOCK_M,), tl.float32)                      # running sum of 2^(score - m)
     acc = tl.zeros((BLOCK_M, HEAD_DIM_P2), tl.float32)        # running sum of 2^(score - m) * v
-    if WHILE_LOOP:        # the interpreter cannot range() over a loaded value; compiled code can (and pipelines it)
-        start = key_end * 0
-        while start < key_end:
-            m, l, acc = _attend_key_block(q, m, l, acc, start, key_end, pos, seq, head, d, d_ok, k_ptr, v_ptr,
-                                          tables_ptr, qk_scale, stride_kblock, stride_kslot, stride_kh, stride_tb,
-                                          BLOCK_SIZE, BLOCK_N, DOT_FP32, IEEE)
-            start += BLOCK_N
-    else:
-        for start in range(0, key_end, BLOCK_N):
-            m, l, acc = _attend_key_block(q, m, l, acc, start, key_end, pos, seq, head, d, d_ok, k_ptr, v_ptr,
-                                          tables_ptr, qk_scale, stride_kblock, stride_kslot, stride_kh, stride_tb,
-                                          BLOCK_SIZE, BLOCK_N, DOT_FP32, IEEE)
+    # keys before the tile's first position are visible to all its rows: whole blocks of them go
+    # without a mask; the blocks from there to the tile's last position straddle the diagonal
+    full_end = (prefix + first - q_start + 1) // BLOCK_N * BLOCK_N
+    m, l, acc = _attend_key_range(q, m, l, acc, full_end * 0, full_end, key_end, pos, seq, head, d, d_ok, k_ptr,
+                                  v_ptr, tables_ptr, qk_scale, stride_kblock, stride_kslot, stride_kh, stride_tb,
+                                  BLOCK_SIZE, BLOCK_N, False, DOT_FP32, IEEE, WHILE_LOOP)
+    m, l, acc = _attend_key_range(q, m, l, acc, full_end, key_end, key_end, pos, seq, head, d, d_ok, k_ptr,
+                                  v_ptr, tables_ptr, qk_scale, stride_kblock, stride_kslot, stride_kh, stride_tb,
+                                  BLOCK_SIZE, BLOCK_N, True, DOT_FP32, IEEE, WHILE_LOOP)
     out = acc / l[:, None]
     out_rows = rows.to(tl.int64) * stride_on + head * stride_oh
     tl.store(out_ptr + out_rows[:, None] + d[None, :],
