@@ -164,7 +164,7 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       block_tables: torch.Tensor, context_lens: torch.Tensor, query_start: torch.Tensor,
                       tile_seq: torch.Tensor, tile_row: torch.Tensor, num_tiles: torch.Tensor,
                       grid_tiles: int, block_m: int, out: torch.Tensor | None = None,
-                      block_n: int = 64) -> torch.Tensor:
+                      block_n: int | None = None) -> torch.Tensor:
     """Causal attention of every new query row ``q`` (N, H, Dh) against its sequence's keys → (N, H, Dh).
 
     ``k_cache``/``v_cache``: one layer of the pool ``(blocks, block_size, H, Dh)``, already holding the
@@ -172,7 +172,9 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     ``query_start`` (B + 1,). Per tile: ``tile_seq``, ``tile_row`` (from :func:`build_tiles`, built
     with the same ``block_m``); ``num_tiles`` (1,) live tiles; ``grid_tiles`` >= that, a fixed launch
     size. All device tensors, no host synchronisation: safe inside a CUDA graph. Rows not covered by
-    a tile (padding) are left as they are in ``out``.
+    a tile (padding) are left as they are in ``out``. ``block_n``: keys per loop trip (default: 128
+    with 16-row tiles of 16-bit heads up to 64 wide — steps that are mostly decodes, where fewer,
+    longer trips wait less on memory — else 64).
     """
     N, H, Dh = q.shape
     if k_cache.stride(-1) != 1 or q.stride(-1) != 1:
@@ -180,6 +182,8 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if out is None:
         out = torch.empty_like(q)
     fp32 = q.dtype == torch.float32
+    if block_n is None:   # 128-key trips only where K and V tiles stay small (shared memory per stage)
+        block_n = 128 if block_m <= 16 and Dh * q.element_size() <= 128 else 64
     _unified_attention_kernel[(grid_tiles, H)](
         q, k_cache, v_cache, out,
         block_tables, context_lens, query_start, tile_seq, tile_row, num_tiles,
