@@ -9,7 +9,8 @@ Two halves, both introduced in notebooks/10_prefill_vs_decode_on_your_hardware.i
   :class:`~course_lib.model.Trace`.
 * **measurements**: :func:`measure_ceilings` times a large matmul (peak FLOP/s) and a large
   copy (memory bandwidth) on this device; :func:`time_prefill` and :func:`time_decode_step`
-  time the model. Every timing is the median of a few repeats, synchronised on a GPU.
+  time the model. Every timing is the best of a few repeats (other programs only ever add
+  time, so the fastest repeat is the least disturbed one), synchronised on a GPU.
 
 Conventions (stated once, used everywhere): a multiply-add is 2 FLOPs; a step's bytes are a
 *lower bound* on memory traffic: each weight read once, the cached keys/values read once, the
@@ -296,6 +297,11 @@ def median(xs) -> float:
     return float(statistics.median(xs))
 
 
+def best(xs) -> float:
+    """The fastest of several timings: noise from other programs only adds time."""
+    return float(min(xs))
+
+
 def device_name(device="cpu") -> str:
     """A human name of the device: the GPU's name, or the CPU model and its thread count."""
     dev = torch.device(device)
@@ -402,13 +408,13 @@ def measure_bandwidth(device="cpu", nbytes: int | None = None, repeats: int = 5)
 
 
 def time_matmul(m: int, n: int, k: int, device="cpu", dtype=None, repeats: int = 5) -> float:
-    """Median seconds of ``(m, k) @ (k, n)``: a GEMV when ``m == 1``, a GEMM otherwise."""
+    """Best seconds of ``(m, k) @ (k, n)``: a GEMV when ``m == 1``, a GEMM otherwise."""
     _check_positive(m=m, n=n, k=k)
     dev = torch.device(device)
     dtype = dtype or default_dtype(dev)
     a = torch.randn(m, k, device=dev).to(dtype)
     w = torch.randn(k, n, device=dev).to(dtype)
-    return median(time_fn(lambda: a @ w, dev, repeats=repeats, warmup=1))
+    return best(time_fn(lambda: a @ w, dev, repeats=repeats, warmup=1))
 
 
 def measure_ceilings(device="cpu", dtype=None, matmul_n: int | None = None,
@@ -446,10 +452,10 @@ def random_ids(config: GPTConfig, batch: int, length: int, device="cpu", seed: i
 
 @torch.inference_mode()
 def time_prefill(model, prompt_len: int, batch: int = 1, repeats: int = 3, warmup: int = 1) -> float:
-    """Median seconds of ``model.prefill`` on a random prompt: the time to first token (TTFT)."""
+    """Best seconds of ``model.prefill`` on a random prompt: the time to first token (TTFT)."""
     dev = model.transformer.wte.weight.device
     ids = random_ids(model.config, batch, prompt_len, dev)
-    return median(time_fn(lambda: model.prefill(ids), dev, repeats, warmup))
+    return best(time_fn(lambda: model.prefill(ids), dev, repeats, warmup))
 
 
 def random_cache(config: GPTConfig, batch: int, context: int, device="cpu", dtype=torch.float32,
@@ -475,7 +481,7 @@ def random_cache(config: GPTConfig, batch: int, context: int, device="cpu", dtyp
 @torch.inference_mode()
 def time_decode_step(model, context: int, batch: int = 1, repeats: int = 5, warmup: int = 1,
                      use_cache: bool = True) -> float:
-    """Median seconds of one decode step with ``context`` tokens before it (the TPOT there).
+    """Best seconds of one decode step with ``context`` tokens before it (the TPOT there).
 
     With the cache: one token through :meth:`GPT.decode_step` on a cache of ``context`` random
     positions, reset to those positions before each repeat. Without: the whole ``context + 1``
@@ -486,7 +492,7 @@ def time_decode_step(model, context: int, batch: int = 1, repeats: int = 5, warm
         raise InputError(f"context must be >= 1 (decode follows a prefill), got {context}")
     ids = random_ids(model.config, batch, context + 1, w.device)
     if not use_cache:
-        return median(time_fn(lambda: model(ids, last_only=True), w.device, repeats, warmup))
+        return best(time_fn(lambda: model(ids, last_only=True), w.device, repeats, warmup))
     cache = random_cache(model.config, batch, context, w.device, w.dtype)
     keys, values = list(cache.keys), list(cache.values)
     nxt = ids[:, context]
@@ -495,7 +501,7 @@ def time_decode_step(model, context: int, batch: int = 1, repeats: int = 5, warm
         cache.keys, cache.values = list(keys), list(values)
         model.decode_step(nxt, cache)
 
-    return median(time_fn(step, w.device, repeats, warmup))
+    return best(time_fn(step, w.device, repeats, warmup))
 
 
 def save_figures_enabled() -> bool:
