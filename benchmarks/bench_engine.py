@@ -222,7 +222,7 @@ def run_model(shape, args, device, dtype, peaks, runs):
             r = B.engine_serving(llm, prompts, outs)
             record("engine", "serving", args.num_requests, None, None, r["tokens_per_s"],
                    preemptions=llm.engine.scheduler.num_preemptions)
-        del llm
+        del llm, runner                       # the runner holds the KV pool and the graphs
     del model
     free_memory()
 

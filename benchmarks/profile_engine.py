@@ -39,11 +39,13 @@ def main():
     p.add_argument("--model", default="gpt2")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--graphs", choices=["auto", "full"], default="auto", help="whole-step CUDA graphs")
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = B.random_gpt(a.model, device, dtype)
-    llm = LLM(model, device=device, dtype=dtype, max_num_batched_tokens=a.batch * a.prompt_len)
+    llm = LLM(model, device=device, dtype=dtype, max_num_batched_tokens=a.batch * a.prompt_len,
+              cuda_graphs="full" if a.graphs == "full" else None)
     prompts = lambda s: B.random_prompts(a.batch, a.prompt_len, model.config.vocab_size, s)  # noqa: E731
     seed = [0]
 
@@ -65,7 +67,8 @@ def main():
     prefill()
     B.sync(device)
     prof.disable()
-    pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(35)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(15)
     if device == "cuda":
         from torch.profiler import ProfilerActivity, profile
 

@@ -73,8 +73,8 @@ torch.manual_seed(1)
 model = GPT(cfg).eval()
 prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 9, 14, 20)]
 p = SamplingParams(max_tokens=6, ignore_eos=True)
-want = [o.token_ids for o in LLM(model, block_size=5, attention="torch").generate(prompts, p)]
-llm = LLM(model, block_size=5, attention="triton", max_num_batched_tokens=12)
+want = [o.token_ids for o in LLM(model, device="cpu", block_size=5, attention="torch").generate(prompts, p)]
+llm = LLM(model, device="cpu", block_size=5, attention="triton", max_num_batched_tokens=12)
 assert [o.token_ids for o in llm.generate(prompts, p)] == want
 assert any(r.num_decode_tokens for r in llm.ledger.records)
 print("triton interpreter ok")

@@ -151,10 +151,10 @@ base = torch.randint(0, 97, (20,)).tolist()
 prompts = [torch.randint(0, 97, (n,)).tolist() for n in (2, 9, 14, 20, 31)]
 prompts += [base + [1, 2], base + [3], base[:13]]                # shared prefixes: cache hits
 p = SamplingParams(max_tokens=7, ignore_eos=True)
-want = [o.token_ids for o in LLM(model, block_size=4, attention="torch").generate(prompts, p)]
+want = [o.token_ids for o in LLM(model, device="cpu", block_size=4, attention="torch").generate(prompts, p)]
 
 # chunked prefill, prefix hits and a pool small enough to preempt, through the unified kernel
-llm = LLM(model, block_size=4, attention="triton-unified", max_num_batched_tokens=16, num_kv_blocks=20)
+llm = LLM(model, device="cpu", block_size=4, attention="triton-unified", max_num_batched_tokens=16, num_kv_blocks=20)
 assert [o.token_ids for o in llm.generate(prompts, p)] == want
 eng = llm.engine
 assert eng.scheduler.num_preemptions > 0 and eng.block_manager.num_hit_tokens > 0
@@ -165,7 +165,7 @@ print("engine ok", eng.scheduler.num_preemptions, eng.block_manager.num_hit_toke
 # buffers, buckets, padding and tile tables of every step, replayed through the same forward
 from course_lib.engine.step_graphs import StepGraphs, StepInputs
 
-llm = LLM(model, block_size=4, attention="triton-unified", max_num_batched_tokens=24, max_num_seqs=6)
+llm = LLM(model, device="cpu", block_size=4, attention="triton-unified", max_num_batched_tokens=24, max_num_seqs=6)
 runner = llm.engine.runner
 graphs = StepGraphs(runner, 24, 6)
 replays = []

@@ -180,7 +180,8 @@ def triton_available() -> bool:
 
 
 def make_backend(name: str | None, device: torch.device) -> AttentionBackend:
-    """``None`` picks: Triton on CUDA when installed, else SDPA on CUDA, the reference on CPU."""
+    """``None`` picks: Triton on CUDA when installed, else SDPA on CUDA, the reference on CPU
+    (the engine itself picks ``triton-unified`` on CUDA when it captures whole steps)."""
     from ..errors import ConfigError
 
     if name is None:

@@ -8,6 +8,7 @@ Introduced in notebooks/11_inside_an_engine.ipynb.
 
 from __future__ import annotations
 
+import gc
 import math
 import numbers
 import time
@@ -62,8 +63,13 @@ class LLMEngine:
                                    self.enable_chunked_prefill)
         if cuda_graphs not in (None, True, False, "full"):
             raise ConfigError(f"cuda_graphs must be True, False, None (automatic) or 'full', got {cuda_graphs!r}")
-        if cuda_graphs == "full" and attention is None:
-            attention = "triton-unified"                      # the one backend whole steps can be captured with
+        if attention is None and cuda:   # the fastest backend the graph mode allows
+            from .attention import triton_available
+
+            if not triton_available():
+                attention = "sdpa"
+            else:   # whole-step graphs need the unified kernel; decode-only graphs or eager use the decode kernel
+                attention = "triton-unified" if cuda_graphs in (None, "full") else "triton"
         backend = make_backend(attention, self.device)
         self.kv_cache.use_triton = backend.name in ("triton", "triton-unified")   # the Triton K/V write kernel
         self.runner = ModelRunner(model, self.kv_cache, backend, fast_gelu=cuda)
@@ -112,6 +118,8 @@ class LLMEngine:
         fraction = 0.9 if fraction is None else fraction
         if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
             raise ConfigError(f"gpu_memory_fraction must be in (0, 1], got {fraction!r}")
+        gc.collect()                       # engines dropped but still in reference cycles give memory back
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         elem = torch.empty((), dtype=self.dtype).element_size()
         # room for one step's activations: the widest tensors are the MLP hidden and the logits
@@ -171,7 +179,10 @@ class LLMEngine:
     def add_request(self, prompt_token_ids, params: SamplingParams | None = None,
                     request_id: str | None = None) -> Sequence:
         params = params or SamplingParams()
-        ids = self.check_request(prompt_token_ids, params)
+        return self.enqueue(self.check_request(prompt_token_ids, params), params, request_id)
+
+    def enqueue(self, ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        """Queue a request that :meth:`check_request` has already accepted."""
         seq = Sequence(ids, params, eos_token_id=self.config.eos_token_id, request_id=request_id or "")
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)

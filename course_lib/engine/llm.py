@@ -181,7 +181,7 @@ class LLM:
     def stream(self, prompts, sampling_params=None) -> Iterator[StreamEvent]:
         """Yield each new token of every request as soon as it is sampled."""
         requests = self._requests(prompts, sampling_params)
-        seqs = [self.engine.add_request(ids, p) for ids, p in requests]
+        seqs = [self.engine.enqueue(ids, p) for ids, p in requests]     # checked by _requests
         index = {id(s): i for i, s in enumerate(seqs)}
         try:
             while any(not s.is_finished for s in seqs):

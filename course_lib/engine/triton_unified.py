@@ -164,7 +164,7 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       block_tables: torch.Tensor, context_lens: torch.Tensor, query_start: torch.Tensor,
                       tile_seq: torch.Tensor, tile_row: torch.Tensor, num_tiles: torch.Tensor,
                       grid_tiles: int, block_m: int, out: torch.Tensor | None = None,
-                      block_n: int | None = None) -> torch.Tensor:
+                      block_n: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Causal attention of every new query row ``q`` (N, H, Dh) against its sequence's keys → (N, H, Dh).
 
     ``k_cache``/``v_cache``: one layer of the pool ``(blocks, block_size, H, Dh)``, already holding the
@@ -195,6 +195,6 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         HEAD_DIM=Dh, HEAD_DIM_P2=max(16, triton.next_power_of_2(Dh)), BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=fp32 or _interpreting(),
         IEEE=fp32 and not _interpreting(), WHILE_LOOP=_interpreting(),
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
