@@ -15,7 +15,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
+from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
 
 def main() -> int:
@@ -29,13 +29,24 @@ def main() -> int:
     failed = 0
     for path in map(Path, a.notebooks):
         nb = nbformat.read(path, as_version=4)
+        started = {}
+
+        def on_start(cell, cell_index, **_):
+            started[cell_index] = time.perf_counter()
+
+        def on_complete(cell, cell_index, **_):
+            secs = time.perf_counter() - started.get(cell_index, time.perf_counter())
+            if secs > 2:
+                print(f"  {path.name} cell {cell_index}: {secs:.1f} s", flush=True)
+
         client = NotebookClient(nb, timeout=a.timeout, kernel_name="python3",
-                                resources={"metadata": {"path": str(path.parent)}})
+                                resources={"metadata": {"path": str(path.parent)}},
+                                on_cell_start=on_start, on_cell_complete=on_complete)
         t = time.perf_counter()
         try:
             client.execute()
             status = "ok"
-        except CellExecutionError as e:
+        except (CellExecutionError, CellTimeoutError) as e:
             status = "FAILED: " + str(e).strip().splitlines()[-1][:300]
             failed += 1
         nbformat.write(nb, out / path.name)

@@ -74,7 +74,7 @@ def _engine(llm, prompts, max_tokens):
 def test_gpu_bf16_with_cuda_graphs_matches_transformers(ckpt):
     prompts = _prompts()
     llm = LLM(ckpt, device="cuda", dtype="bfloat16", block_size=16, max_num_batched_tokens=512, max_num_seqs=16,
-              num_kv_blocks=1024)
+              num_kv_blocks=1024, cuda_graphs=True)          # decode-only graphs (the default is whole steps)
     assert llm.engine.runner.graphs and llm.engine.runner.attention.name == "triton"
     ours = _engine(llm, prompts, MAX_TOKENS)
     identical = _check_close(ours, _hf(ckpt, torch.bfloat16, prompts, MAX_TOKENS), atol=0.25)
