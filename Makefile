@@ -7,6 +7,9 @@ PY     := $(VENV)/bin/python
 PORT   ?= 8888
 TOKEN  ?= course
 JOBS   ?= 2
+# each test worker (and the notebook kernels it starts) gets its share of the cores, so that the
+# workers do not wait on each other's threads
+THREADS ?= $(shell n=$$(( $$(nproc 2>/dev/null || echo 2) / $(JOBS) )); [ $$n -ge 1 ] && echo $$n || echo 1)
 
 .PHONY: setup lab test assets figures clean
 
@@ -26,7 +29,7 @@ lab: setup
 	  notebooks/00_start_here.ipynb
 
 test: setup
-	$(PY) -m pytest -n $(JOBS) --dist loadscope --nbval-lax --nbval-current-env tests notebooks
+	OMP_NUM_THREADS=$(THREADS) COURSE_TEST_THREADS=$(THREADS) $(PY) -m pytest -n $(JOBS) --dist loadscope --nbval-lax --nbval-current-env tests notebooks
 
 assets: setup
 	$(PY) scripts/make_assets.py

@@ -35,3 +35,11 @@ def random_model(config: GPTConfig, seed: int = 0):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The shipped tokenizer."""
+    from course_lib.tiny import load_tokenizer
+
+    return load_tokenizer()

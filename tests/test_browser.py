@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,12 +56,13 @@ def wait_for_server(url: str, proc: subprocess.Popen, timeout: float = 90) -> No
     raise TimeoutError(f"jupyter lab did not answer {url} within {timeout} s")
 
 
-@pytest.fixture
-def lab(tmp_path):
-    """A JupyterLab server on a copy of notebook 03; yields (base_url, token)."""
+@contextmanager
+def jupyter_lab(tmp_path: Path, notebook: str):
+    """A JupyterLab server on a temporary copy of ``notebook``; yields (base_url, token) and always
+    stops the server and its kernels."""
     work = tmp_path / "nb"
     work.mkdir()
-    shutil.copy(ROOT / "notebooks" / NOTEBOOK, work / NOTEBOOK)
+    shutil.copy(ROOT / "notebooks" / notebook, work / notebook)
     settings = tmp_path / "settings" / "@jupyterlab" / "notebook-extension"
     settings.mkdir(parents=True)
     # render every cell (no virtual scrolling), so the widget's output is in the page
@@ -92,6 +94,13 @@ def lab(tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
         log.close()
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A JupyterLab server on a copy of notebook 03; yields (base_url, token)."""
+    with jupyter_lab(tmp_path, NOTEBOOK) as server:
+        yield server
 
 
 def widget_text(page) -> str:

@@ -8,18 +8,11 @@ or Playwright is missing.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import secrets
-import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_browser import CHROMIUM, FIGURES, ROOT, free_port, wait_for_server, wait_until
+from test_browser import CHROMIUM, FIGURES, jupyter_lab, wait_until
 
 NOTEBOOK = "08_decode_and_kv_cache.ipynb"
 
@@ -32,38 +25,8 @@ pytestmark = [
 @pytest.fixture
 def lab08(tmp_path):
     """A JupyterLab server on a copy of notebook 08; yields (base_url, token)."""
-    work = tmp_path / "nb"
-    work.mkdir()
-    shutil.copy(ROOT / "notebooks" / NOTEBOOK, work / NOTEBOOK)
-    settings = tmp_path / "settings" / "@jupyterlab" / "notebook-extension"
-    settings.mkdir(parents=True)
-    (settings / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
-    apputils = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
-    apputils.mkdir(parents=True)
-    (apputils / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    port, token = free_port(), secrets.token_hex(16)
-    cmd = [str(Path(sys.executable).parent / "jupyter"), "lab", "--no-browser", f"--port={port}",
-           "--ip=127.0.0.1", f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
-           f"--ServerApp.root_dir={work}", f"--LabApp.user_settings_dir={tmp_path / 'settings'}",
-           f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}", "--LabApp.expose_app_in_browser=True",
-           "--ServerApp.port_retries=0"]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        cmd.append("--allow-root")
-    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp_path / "jupyter_config"), PYTHONUNBUFFERED="1")
-    log = open(tmp_path / "jupyter.log", "w")
-    proc = subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_for_server(f"http://127.0.0.1:{port}/api/status?token={token}", proc)
-        yield f"http://127.0.0.1:{port}", token
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
-        log.close()
+    with jupyter_lab(tmp_path, NOTEBOOK) as server:
+        yield server
 
 
 def summary(page) -> str:

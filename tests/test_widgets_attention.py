@@ -13,17 +13,11 @@ import torch  # noqa: E402
 
 from course_lib import GPT, GPTConfig  # noqa: E402
 from course_lib.errors import CourseError, InputError, TokenizerError  # noqa: E402
-from course_lib.tiny import load_tokenizer  # noqa: E402
 from course_lib.widgets import attention as wa  # noqa: E402
 from course_lib.widgets.common import figure_png, prompt_ids  # noqa: E402
 
 PROMPT = "The for statement is used to iterate"
 BAD_PROMPTS = {"é": "alphabet", "": "empty", "   ": "empty"}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
 
 
 @pytest.fixture(scope="module")

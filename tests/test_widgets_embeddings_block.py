@@ -9,16 +9,10 @@ import torch  # noqa: E402
 
 from course_lib import GPT, GPTConfig  # noqa: E402
 from course_lib.errors import CourseError, InputError  # noqa: E402
-from course_lib.tiny import load_tokenizer  # noqa: E402
 from course_lib.widgets.block import PARTS, BlockExplorer, block_figure, block_views  # noqa: E402
 from course_lib.widgets.embeddings import EmbeddingExplorer, embedding_summary, embedding_views  # noqa: E402
 
 PROMPT = "A list is a mutable sequence."
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
 
 
 @pytest.fixture(scope="module")

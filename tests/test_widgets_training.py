@@ -9,15 +9,9 @@ import torch  # noqa: E402
 
 from course_lib import GPT, GPTConfig  # noqa: E402
 from course_lib.errors import CourseError, InputError  # noqa: E402
-from course_lib.tiny import load_tokenizer  # noqa: E402
 from course_lib.train import TrainSettings, train  # noqa: E402
 from course_lib.widgets.sampling import SamplingExplorer, next_token_table, sample_text  # noqa: E402
 from course_lib.widgets.training import LiveLossCurve  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
 
 
 @pytest.fixture(scope="module")
