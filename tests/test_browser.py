@@ -122,60 +122,66 @@ def wait_until(predicate, timeout: float, what: str, page=None):
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
-def test_query_slider_changes_the_weights(lab):
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+KERNEL_IDLE = ("() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+               " const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;"
+               " return !!k && k.status === 'idle'; }")
+
+
+@contextmanager
+def run_all_cells(server, notebook: str, ready, what: str):
+    """Open ``notebook`` in Chromium, run all cells, wait until ``ready(page)`` and an idle kernel,
+    check that no cell printed an error; yields the page. The browser is always closed."""
     sync_api = pytest.importorskip("playwright.sync_api")
-    base, token = lab
+    base, token = server
     FIGURES.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--disable-quic"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 1000})
             page.set_default_timeout(60_000)
-            page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}", wait_until="domcontentloaded")
+            page.goto(f"{base}/lab/tree/{notebook}?token={token}", wait_until="domcontentloaded")
             page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=90_000)
-            # the kernel is up and idle before we run anything
-            wait_until(lambda: page.evaluate(
-                "() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
-                " const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;"
-                " return !!k && k.status === 'idle'; }"), 90, "an idle kernel", page)
+            wait_until(lambda: page.evaluate(KERNEL_IDLE), 90, "an idle kernel", page)
             page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-
-            # every cell has run once the widget's weights are on the page and the kernel is idle again
-            wait_until(lambda: "weight on future tokens" in widget_text(page), 120, "the attention widget", page)
-            wait_until(lambda: page.evaluate(
-                "() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'"),
-                120, "the kernel to finish", page)
+            # every cell has run once the widget is on the page and the kernel is idle again
+            wait_until(lambda: ready(page), 180, what, page)
+            wait_until(lambda: page.evaluate(KERNEL_IDLE), 180, "the kernel to finish", page)
             errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
                                   has_text="Error")
             assert errors.count() == 0, errors.first.inner_text()
-
-            before = widget_text(page)
-            m = re.search(r"query (\d+) ", before)
-            assert m, before
-            q_before = int(m.group(1))
-            slider = page.locator(".widget-slider", has_text="query token").first
-            slider.scroll_into_view_if_needed()
-            box = page.locator(".jp-OutputArea-output", has=slider).first
-            img_before = box.locator("img").first.get_attribute("src")
-            box.screenshot(path=str(FIGURES / "browser_03_before.png"))
-
-            handle = slider.locator(".noUi-handle").first
-            handle.focus()
-            for _ in range(2):
-                page.keyboard.press("ArrowRight")
-            after = wait_until(lambda: (t := widget_text(page)) != before and f"query {q_before + 2} " in t and t,
-                               60, "the weights to change", page)
-            wait_until(lambda: box.locator("img").first.get_attribute("src") != img_before, 30, "a new figure", page)
-            page.wait_for_timeout(500)
-            box.screenshot(path=str(FIGURES / "browser_03_after.png"))
-
-            weights_before = before.split("weights", 1)[1].split("\n")[0]
-            weights_after = after.split("weights", 1)[1].split("\n")[0]
-            assert weights_after != weights_before
-            assert "weight on future tokens: 0.000" in after    # the mask is still on
+            yield page
         finally:
             browser.close()
+
+
+def test_query_slider_changes_the_weights(lab):
+    ready = lambda page: "weight on future tokens" in widget_text(page)  # noqa: E731
+    with run_all_cells(lab, NOTEBOOK, ready, "the attention widget") as page:
+        before = widget_text(page)
+        m = re.search(r"query (\d+) ", before)
+        assert m, before
+        q_before = int(m.group(1))
+        slider = page.locator(".widget-slider", has_text="query token").first
+        slider.scroll_into_view_if_needed()
+        box = page.locator(".jp-OutputArea-output", has=slider).first
+        img_before = box.locator("img").first.get_attribute("src")
+        box.screenshot(path=str(FIGURES / "browser_03_before.png"))
+
+        handle = slider.locator(".noUi-handle").first
+        handle.focus()
+        for _ in range(2):
+            page.keyboard.press("ArrowRight")
+        after = wait_until(lambda: (t := widget_text(page)) != before and f"query {q_before + 2} " in t and t,
+                           60, "the weights to change", page)
+        wait_until(lambda: box.locator("img").first.get_attribute("src") != img_before, 30, "a new figure", page)
+        page.wait_for_timeout(500)
+        box.screenshot(path=str(FIGURES / "browser_03_after.png"))
+
+        weights_before = before.split("weights", 1)[1].split("\n")[0]
+        weights_after = after.split("weights", 1)[1].split("\n")[0]
+        assert weights_after != weights_before
+        assert "weight on future tokens: 0.000" in after    # the mask is still on
     assert (FIGURES / "browser_03_before.png").stat().st_size > 10_000
     assert (FIGURES / "browser_03_after.png").stat().st_size > 10_000

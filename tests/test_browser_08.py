@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
-from test_browser import CHROMIUM, FIGURES, jupyter_lab, wait_until
+from test_browser import CHROMIUM, FIGURES, jupyter_lab, run_all_cells, wait_until
 
 NOTEBOOK = "08_decode_and_kv_cache.ipynb"
 
@@ -35,50 +35,27 @@ def summary(page) -> str:
 
 
 def test_step_slider_grows_the_cache(lab08):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    base, token = lab08
-    FIGURES.mkdir(exist_ok=True)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--disable-quic"])
-        try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1000})
-            page.set_default_timeout(60_000)
-            page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}", wait_until="domcontentloaded")
-            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=90_000)
-            kernel_idle = ("() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
-                           " const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;"
-                           " return !!k && k.status === 'idle'; }")
-            wait_until(lambda: page.evaluate(kernel_idle), 90, "an idle kernel", page)
-            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            wait_until(lambda: "step 0 (prefill)" in summary(page), 180, "the cache widget", page)
-            wait_until(lambda: page.evaluate(kernel_idle), 180, "the kernel to finish", page)
-            errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
-                                  has_text="Error")
-            assert errors.count() == 0, errors.first.inner_text()
+    ready = lambda page: "step 0 (prefill)" in summary(page)  # noqa: E731
+    with run_all_cells(lab08, NOTEBOOK, ready, "the cache widget") as page:
+        before = summary(page)
+        n0 = int(re.search(r"(\d+) positions cached", before).group(1))
+        slider = page.locator(".widget-slider", has_text="step").first
+        slider.scroll_into_view_if_needed()
+        box = page.locator(".jp-OutputArea-output", has=slider).first
+        img_before = box.locator("img").first.get_attribute("src")
+        box.screenshot(path=str(FIGURES / "browser_08_before.png"))
 
-            before = summary(page)
-            n0 = int(re.search(r"(\d+) positions cached", before).group(1))
-            slider = page.locator(".widget-slider", has_text="step").first
-            slider.scroll_into_view_if_needed()
-            box = page.locator(".jp-OutputArea-output", has=slider).first
-            img_before = box.locator("img").first.get_attribute("src")
-            box.screenshot(path=str(FIGURES / "browser_08_before.png"))
-
-            handle = slider.locator(".noUi-handle").first
-            handle.focus()
-            for _ in range(5):
-                page.keyboard.press("ArrowRight")
-            after = wait_until(lambda: (t := summary(page)).startswith("step 5 (decode)") and t, 60,
-                               "the step to move", page)
-            wait_until(lambda: box.locator("img").first.get_attribute("src") != img_before, 30, "a new figure", page)
-            page.wait_for_timeout(500)
-            box.screenshot(path=str(FIGURES / "browser_08_after.png"))
-            assert f"{n0 + 5} positions cached" in after
-            formula, allocated = re.search(r"formula ([\d,]+) B = allocated ([\d,]+) B", after).groups()
-            assert formula == allocated
-        finally:
-            browser.close()
+        handle = slider.locator(".noUi-handle").first
+        handle.focus()
+        for _ in range(5):
+            page.keyboard.press("ArrowRight")
+        after = wait_until(lambda: (t := summary(page)).startswith("step 5 (decode)") and t, 60,
+                           "the step to move", page)
+        wait_until(lambda: box.locator("img").first.get_attribute("src") != img_before, 30, "a new figure", page)
+        page.wait_for_timeout(500)
+        box.screenshot(path=str(FIGURES / "browser_08_after.png"))
+        assert f"{n0 + 5} positions cached" in after
+        formula, allocated = re.search(r"formula ([\d,]+) B = allocated ([\d,]+) B", after).groups()
+        assert formula == allocated
     assert (FIGURES / "browser_08_before.png").stat().st_size > 10_000
     assert (FIGURES / "browser_08_after.png").stat().st_size > 10_000
