@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import gc
 import math
-import numbers
 import time
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
@@ -144,15 +144,16 @@ class LLMEngine:
             prompt_token_ids = prompt_token_ids.tolist()
         if not isinstance(prompt_token_ids, (list, tuple)):
             raise InputError("a prompt must be a string or a list of integer token ids")
-        if all(type(t) is int for t in prompt_token_ids):          # the common case, checked fast
-            ids = list(prompt_token_ids)
-        elif all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt_token_ids):
-            ids = [int(t) for t in prompt_token_ids]                  # numpy integers and the like
-        else:
-            raise InputError("a prompt must be a string or a list of integer token ids")
-        if not ids:
+        if not prompt_token_ids:
             raise InputError("the prompt is empty; give at least one token")
-        lo, hi = min(ids), max(ids)
+        try:                                    # one vectorised check: thousands of ids in microseconds
+            arr = np.asarray(prompt_token_ids)
+        except (ValueError, OverflowError):
+            arr = None
+        if arr is None or arr.ndim != 1 or arr.dtype.kind not in "iu":   # bools, floats, strings, nesting
+            raise InputError("a prompt must be a string or a list of integer token ids")
+        ids = arr.tolist()
+        lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= cfg.vocab_size:
             raise InputError(f"token id {lo if lo < 0 else hi} is out of range: this model's vocabulary has ids "
                              f"0..{cfg.vocab_size - 1}")

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -132,14 +133,15 @@ class ModelRunner:
         qlens = [s.num_new_tokens for s in seqs]
         ctx = [s.start + s.num_new_tokens for s in seqs]
         width = max(len(s.seq.block_table) for s in seqs)
-        ids, positions = [], []
-        for s in seqs:
-            ids.extend(s.seq.token_ids[s.start:s.start + s.num_new_tokens])
-            positions.extend(range(s.start, s.start + s.num_new_tokens))
-        tables = torch.tensor([s.seq.block_table + [NULL_BLOCK] * (width - len(s.seq.block_table))
-                               for s in seqs], dtype=torch.long)                # (B, M)
-        pos = torch.tensor(positions, dtype=torch.long)                         # (N,)
-        seq_of_row = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(qlens))
+        # built with numpy: converting Python lists of thousands of ids to torch costs milliseconds
+        ids = np.concatenate([np.asarray(s.seq.token_ids[s.start:s.start + s.num_new_tokens], dtype=np.int64)
+                              for s in seqs])                                   # (N,)
+        pos = np.concatenate([np.arange(s.start, s.start + s.num_new_tokens, dtype=np.int64)
+                              for s in seqs])                                   # (N,)
+        tables = np.full((len(seqs), width), NULL_BLOCK, dtype=np.int64)        # (B, M)
+        for i, s in enumerate(seqs):
+            tables[i, :len(s.seq.block_table)] = s.seq.block_table
+        seq_of_row = np.repeat(np.arange(len(seqs)), qlens)                     # (N,)
         slots = tables[seq_of_row, pos // bs] * bs + pos % bs                   # (N,)
         qstart = _cumsum(qlens)
         logit_rows = [qstart[i + 1] - 1 for i, s in enumerate(seqs) if s.needs_logits]
@@ -152,8 +154,9 @@ class ModelRunner:
             return StepBatch(input_ids=ids_d, positions=pos_d, slot_mapping=slots_d, context_lens=ctx_d,
                              block_tables=tables_d, logits_indices=rows_d, graph_tokens=bucket, **common)
         # one host→device copy for everything, then views into it
-        parts = [torch.tensor(ids, dtype=torch.long), pos, slots, torch.tensor(ctx, dtype=torch.long),
-                 torch.tensor(logit_rows, dtype=torch.long), tables.flatten()]
+        parts = [torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(slots),
+                 torch.tensor(ctx, dtype=torch.long), torch.tensor(logit_rows, dtype=torch.long),
+                 torch.from_numpy(tables).flatten()]
         if self.attention.needs_tiles:
             block_m = tile_rows_for(len(ids))
             tile_seq, tile_row = build_tiles(qstart, ctx, block_m)

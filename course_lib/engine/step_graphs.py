@@ -66,7 +66,7 @@ class StepInputs:
         self.views["block_tables"] = self.views["block_tables"].view(S, M)
 
     def host_image(self, ids, positions, slots, logit_rows, context_lens, query_start, tile_seq, tile_row,
-                   tables: torch.Tensor) -> torch.Tensor:
+                   tables: np.ndarray) -> torch.Tensor:
         """The buffer's contents for one step, on the host; unused entries 0 (padding → null block).
 
         A numpy array (single-threaded: a few small copies, no thread pool to wake) that is reused:
@@ -80,11 +80,11 @@ class StepInputs:
             n = len(value)
             if n:
                 at = self.offsets[name]
-                host[at:at + n] = value.numpy() if isinstance(value, torch.Tensor) else value
+                host[at:at + n] = value
         host[self.offsets["num_tiles"]] = len(tile_seq)
         B, width = tables.shape
         at = self.offsets["block_tables"]
-        host[at:at + self.num_seqs * self.max_blocks].reshape(self.num_seqs, self.max_blocks)[:B, :width] = tables.numpy()
+        host[at:at + self.num_seqs * self.max_blocks].reshape(self.num_seqs, self.max_blocks)[:B, :width] = tables
         return torch.from_numpy(host)
 
 
@@ -140,7 +140,7 @@ class StepGraphs:
         return None
 
     def load(self, N: int, ids, positions, slots, logit_rows, context_lens, query_start,
-             tables: torch.Tensor):
+             tables: np.ndarray):
         """Fill bucket ``N``'s buffer for one step (one host→device copy); returns the live-sized
         StepBatch fields that view it: ``(input_ids, positions, slot_mapping, context_lens,
         logits_indices, block_tables)``."""
