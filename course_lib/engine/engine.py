@@ -222,10 +222,12 @@ class LLMEngine:
             seq.append_token(token, now)
         finished = self.scheduler.finish_step(sched)
         self.ledger.add(batch.query_lens, batch.context_lens_host, len(logit_seqs), now - t0)
+        sampled = list(zip(logit_seqs, tokens))
         if self.snapshots is not None:
-            self.snapshots.append(take_snapshot(self.num_steps, sched, batch, self.block_manager, finished))
+            self.snapshots.append(take_snapshot(self.num_steps, sched, batch, self.block_manager, finished,
+                                                sampled, now - t0, self.scheduler.running))
         self.num_steps += 1
-        return list(zip(logit_seqs, tokens))
+        return sampled
 
     def run_to_completion(self) -> None:
         while self.has_unfinished():

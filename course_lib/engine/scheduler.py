@@ -36,6 +36,12 @@ class ScheduledSeq:
     def __post_init__(self):
         self.needs_logits = self.start + self.num_new_tokens == self.seq.num_tokens
 
+    @property
+    def is_decode(self) -> bool:
+        """One new token that was itself sampled (not a prompt token): the engine's one definition
+        of a decode. A one-token last chunk of a prompt is a prefill."""
+        return self.num_new_tokens == 1 and self.start >= self.seq.num_prompt_tokens
+
 
 @dataclass
 class SchedulerOutput:
