@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from course_lib import checkpoint  # noqa: E402
 from course_lib.engine import LLM  # noqa: E402
+from course_lib import perf  # noqa: E402
 from course_lib.engine import benchmark as B  # noqa: E402
 
 
@@ -61,12 +62,12 @@ def hf_load(directory, attn, device, dtype):
 
 
 def hf_generate_time(model, ids, new_tokens) -> float:
-    B.sync(ids.device)
+    perf.synchronize(ids.device)
     t = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
-    B.sync(ids.device)
+    perf.synchronize(ids.device)
     assert out.shape[1] == ids.shape[1] + new_tokens
     return time.perf_counter() - t
 
@@ -123,9 +124,6 @@ def hf_serving(model, prompts, output_lens, timeout_s) -> float:
     if produced != sum(output_lens):
         log(f"  note: HF produced {produced} tokens, {sum(output_lens)} asked")
     return produced / secs
-
-
-GRAPH_MODES = {"auto": None, "decode": True, "full": "full", "off": False}   # --engine-graphs → cuda_graphs
 
 
 # ------------------------------------------------------------------ one model, every system
@@ -204,10 +202,9 @@ def run_model(shape, args, device, dtype, peaks, runs):
                   max_num_batched_tokens=max(args.max_num_batched_tokens, max(args.prefill_batches) * T),
                   max_num_seqs=args.max_num_seqs, gpu_memory_fraction=0.85 if device.type == "cuda" else None,
                   enable_prefix_caching=True, attention=args.engine_attention,
-                  cuda_graphs=GRAPH_MODES[args.engine_graphs])
+                  cuda_graphs={"auto": None, "on": True, "off": False}[args.engine_graphs])
         runner = llm.engine.runner
-        graphs = (f"whole steps, {len(runner.step_graphs.buckets)} token buckets" if runner.step_graphs
-                  else f"decode {sorted(runner.graphs)[-1:]}" if runner.graphs else "off")
+        graphs = f"whole steps, {len(runner.step_graphs.buckets)} token buckets" if runner.step_graphs else "off"
         log(f"  engine ready in {time.perf_counter() - t:.1f} s: {llm.engine.block_manager.num_blocks} KV blocks, "
             f"attention={runner.attention.name}, cuda graphs: {graphs}")
         if "prefill" in args.workloads:
@@ -293,10 +290,9 @@ def main(argv=None):
     p.add_argument("--hf-timeout", type=float, default=400, help="seconds before HF serving is given up")
     p.add_argument("--quick", action="store_true", help="64 requests, 32 decode steps")
     p.add_argument("--smoke", action="store_true", help="CPU-sized shapes, seconds; for CI")
-    p.add_argument("--engine-graphs", choices=sorted(GRAPH_MODES), default="auto",
-                   help="CUDA graphs: auto (the engine's default), decode (decode-only steps), "
-                        "full (every step, with the triton-unified attention kernel), off")
-    p.add_argument("--engine-attention", default=None, help="attention backend (default: the engine's choice)")
+    p.add_argument("--engine-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="whole-step CUDA graphs (auto: on with CUDA and triton)")
+    p.add_argument("--engine-attention", default=None, choices=["torch", "triton"], help="attention path (default: triton on CUDA, torch on CPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)

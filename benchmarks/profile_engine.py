@@ -20,16 +20,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from course_lib.engine import LLM, SamplingParams  # noqa: E402
+from course_lib import perf  # noqa: E402
 from course_lib.engine import benchmark as B  # noqa: E402
 
 
 def timed(fn, device, repeats=5):
     best = float("inf")
     for _ in range(repeats):
-        B.sync(device)
+        perf.synchronize(device)
         t = time.perf_counter()
         fn()
-        B.sync(device)
+        perf.synchronize(device)
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -39,13 +40,13 @@ def main():
     p.add_argument("--model", default="gpt2")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=1024)
-    p.add_argument("--graphs", choices=["auto", "full"], default="auto", help="whole-step CUDA graphs")
+    p.add_argument("--graphs", choices=["on", "off"], default="on", help="whole-step CUDA graphs (on CUDA)")
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = B.random_gpt(a.model, device, dtype)
     llm = LLM(model, device=device, dtype=dtype, max_num_batched_tokens=a.batch * a.prompt_len,
-              cuda_graphs="full" if a.graphs == "full" else None)
+              cuda_graphs=None if a.graphs == "on" else False)
     prompts = lambda s: B.random_prompts(a.batch, a.prompt_len, model.config.vocab_size, s)  # noqa: E731
     seed = [0]
 
@@ -65,7 +66,7 @@ def main():
     prof = cProfile.Profile()
     prof.enable()
     prefill()
-    B.sync(device)
+    perf.synchronize(device)
     prof.disable()
     pstats.Stats(prof).sort_stats("cumulative").print_stats(35)
     pstats.Stats(prof).sort_stats("tottime").print_stats(15)
@@ -74,7 +75,7 @@ def main():
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tp:
             prefill()
-            B.sync(device)
+            perf.synchronize(device)
         print(tp.key_averages().table(sort_by="cuda_time_total", row_limit=25))
 
 

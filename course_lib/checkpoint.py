@@ -87,12 +87,17 @@ def load_state(directory: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
     return config, state
 
 
+def from_state(config: GPTConfig, state: dict[str, torch.Tensor]) -> GPT:
+    """An eval-mode :class:`GPT` that uses the tensors of ``state`` (our naming, no ``lm_head``) as
+    its weights, as they are: no copy, no random initialisation."""
+    model = GPT(config, device="meta")                # modules without memory or random values
+    model.load_state_dict(state, strict=False, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight
+    return model.eval()
+
+
 def load(directory: str | Path, device: str | torch.device = "cpu",
          dtype: torch.dtype = torch.float32) -> GPT:
     """Load a checkpoint directory as an eval-mode :class:`GPT`."""
     config, state = load_state(directory)
-    with torch.device("meta"):  # no memory and no random init: the weights come from the file
-        model = GPT(config)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight
-    return model.to(device).eval()
+    return from_state(config, {k: v.to(device=device, dtype=dtype) for k, v in state.items()})

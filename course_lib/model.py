@@ -96,9 +96,6 @@ class Trace:
         prefix = f"h{i}."
         return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
-    def shapes(self) -> dict[str, tuple]:
-        return {k: tuple(v.shape) for k, v in self.tensors.items()}
-
 
 def _record(trace: Trace | None, name: str, tensor: torch.Tensor) -> None:
     if trace is not None:
@@ -156,10 +153,10 @@ def kv_cache_bytes(config: GPTConfig, batch: int, seq_len: int, bytes_per_elemen
 class Conv1D(nn.Module):
     """GPT-2's linear layer: ``y = x @ weight + bias`` with ``weight`` of shape ``(in, out)``."""
 
-    def __init__(self, n_in: int, n_out: int):
+    def __init__(self, n_in: int, n_out: int, device=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_in, n_out))
-        self.bias = nn.Parameter(torch.zeros(n_out))
+        self.weight = nn.Parameter(torch.empty(n_in, n_out, device=device))
+        self.bias = nn.Parameter(torch.zeros(n_out, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
@@ -179,13 +176,13 @@ def causal_mask(n_queries: int, n_keys: int, device=None) -> torch.Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, layer_idx: int):
+    def __init__(self, config: GPTConfig, layer_idx: int, device=None):
         super().__init__()
         self.n_head = config.n_head
         self.head_dim = config.head_dim
         self.layer_idx = layer_idx
-        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)  # W_q | W_k | W_v side by side
-        self.c_proj = Conv1D(config.n_embd, config.n_embd)      # W_o
+        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd, device)  # W_q | W_k | W_v side by side
+        self.c_proj = Conv1D(config.n_embd, config.n_embd, device)      # W_o
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
@@ -228,10 +225,10 @@ def gelu(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig, layer_idx: int):
+    def __init__(self, config: GPTConfig, layer_idx: int, device=None):
         super().__init__()
-        self.c_fc = Conv1D(config.n_embd, config.mlp_dim)
-        self.c_proj = Conv1D(config.mlp_dim, config.n_embd)
+        self.c_fc = Conv1D(config.n_embd, config.mlp_dim, device)
+        self.c_proj = Conv1D(config.mlp_dim, config.n_embd, device)
         self.dropout = nn.Dropout(config.resid_pdrop)
         self.activation = config.activation_function
         self.layer_idx = layer_idx
@@ -250,12 +247,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One pre-LN transformer block (notebooks/05_transformer_block.ipynb)."""
 
-    def __init__(self, config: GPTConfig, layer_idx: int):
+    def __init__(self, config: GPTConfig, layer_idx: int, device=None):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config, layer_idx)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, device=device)
+        self.attn = CausalSelfAttention(config, layer_idx, device)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, device=device)
+        self.mlp = MLP(config, layer_idx, device)
         self.layer_idx = layer_idx
 
     def forward(self, x, kv_cache: KVCache | None = None, trace: Trace | None = None):
@@ -274,13 +271,16 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Embeddings, blocks and final norm: HF's ``GPT2Model`` (named ``transformer`` in the LM)."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, device=None):
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        # uninitialised tables (reset_parameters or a checkpoint fills them; on "meta" nothing is drawn)
+        self.wte = nn.Embedding.from_pretrained(torch.empty(config.vocab_size, config.n_embd, device=device),
+                                                freeze=False)
+        self.wpe = nn.Embedding.from_pretrained(torch.empty(config.n_positions, config.n_embd, device=device),
+                                                freeze=False)
         self.drop = nn.Dropout(config.embd_pdrop)
-        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.h = nn.ModuleList(Block(config, i, device) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, device=device)
 
 
 # --------------------------------------------------------------------------- the model
@@ -310,13 +310,16 @@ class GPT(nn.Module):
     Introduced in notebooks/06_tiny_gpt.ipynb; prefill and decode in notebooks/07 and 08.
     """
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, device=None):
+        """``device="meta"`` makes the modules without memory or random values, for weights that are
+        then loaded from a file (course_lib.checkpoint)."""
         super().__init__()
         self.config = config
-        self.transformer = Transformer(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer = Transformer(config, device)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False, device="meta")
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
-        self.reset_parameters()
+        if torch.device(device or "cpu").type != "meta":
+            self.reset_parameters()
 
     def reset_parameters(self, seed: int | None = None) -> None:
         """GPT-2's initialisation: N(0, 0.02); residual projections scaled by 1/sqrt(2 * n_layer)."""

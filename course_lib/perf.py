@@ -30,6 +30,7 @@ import torch
 
 from .config import GPTConfig
 from .errors import InputError
+from .model import kv_cache_bytes
 
 # --------------------------------------------------------------------------- GEMM and GEMV
 
@@ -100,6 +101,14 @@ def parameter_count(config: GPTConfig, non_embedding: bool = True) -> int:
     return n
 
 
+def keys_seen(new_tokens: int, past: int = 0, causal: bool = True) -> int:
+    """Sum over ``new_tokens`` queries placed after ``past`` cached tokens of the keys each sees:
+    a query at absolute position ``p`` sees ``p + 1`` keys under the causal mask; without it every
+    query is charged for all ``past + new_tokens`` keys."""
+    T, P = new_tokens, past
+    return T * P + T * (T + 1) // 2 if causal else T * (P + T)
+
+
 def attention_flops(config: GPTConfig, batch: int, new_tokens: int, past: int = 0,
                     causal: bool = True) -> int:
     """FLOPs of ``q @ kᵀ`` and ``weights @ v`` in all layers (scale/softmax not counted).
@@ -107,17 +116,42 @@ def attention_flops(config: GPTConfig, batch: int, new_tokens: int, past: int = 
     A query at absolute position ``p`` sees ``p + 1`` keys: ``2·Dh·(p+1)`` FLOPs per head for the
     scores and as many for the weighted sum, i.e. ``4·D·(p+1)`` over all heads. With
     ``causal=False`` every query is charged for all ``past + new_tokens`` keys: what a kernel that
-    computes the full rectangle and masks afterwards executes (notebooks/09, N5).
+    computes the full rectangle and masks afterwards executes (notebooks/09).
     """
     _check_positive(batch=batch, new_tokens=new_tokens)
     if past < 0:
         raise InputError(f"past must be >= 0, got {past}")
-    D, T, P = config.n_embd, new_tokens, past
-    if causal:
-        keys_seen = T * P + T * (T + 1) // 2          # sum over queries of (p + 1)
-    else:
-        keys_seen = T * (P + T)
-    return 4 * D * keys_seen * config.n_layer * batch
+    return 4 * config.n_embd * keys_seen(new_tokens, past, causal) * config.n_layer * batch
+
+
+def batch_cost(config: GPTConfig, query_lens, context_lens, num_logit_rows: int,
+               bytes_per_element: int = 4, causal: bool = True) -> StepCost:
+    """FLOPs and bytes of one forward over a *ragged* batch: request ``i`` computes
+    ``query_lens[i]`` new tokens after ``context_lens[i] - query_lens[i]`` cached ones, and
+    ``num_logit_rows`` rows go through the LM head. The engine's ledger counts every step with it;
+    :func:`step_cost` is the same for ``batch`` equal requests."""
+    if len(query_lens) != len(context_lens) or not len(query_lens):
+        raise InputError("query_lens and context_lens must be equally long and not empty")
+    D, V, L = config.n_embd, config.vocab_size, config.n_layer
+    tokens = int(sum(query_lens))
+    keys = sum(keys_seen(int(q), int(c) - int(q), causal) for q, c in zip(query_lens, context_lens))
+    flops = {
+        "linear": 2 * layer_matmul_params(config) * L * tokens,
+        "attention": 4 * D * keys * L,
+        "lm_head": 2 * D * V * num_logit_rows,
+    }
+    e = bytes_per_element
+    weights = parameter_count(config, non_embedding=True) + (V * D if num_logit_rows else 0)
+    nbytes = {
+        "weights": weights * e,
+        "embeddings": 2 * tokens * D * e,                                    # wte rows + wpe rows gathered
+        "kv_read": kv_cache_bytes(config, 1, int(sum(context_lens)), e),     # every visible key and value, once
+        "kv_write": kv_cache_bytes(config, 1, tokens, e),                     # the new keys and values
+        "activations": 2 * L * tokens * D * e,                               # residual stream in and out per layer
+        "logits": num_logit_rows * V * e,
+    }
+    past = int(context_lens[0]) - int(query_lens[0])
+    return StepCost(flops=flops, bytes=nbytes, batch=len(query_lens), new_tokens=int(query_lens[0]), past=past)
 
 
 def step_cost(config: GPTConfig, batch: int = 1, new_tokens: int = 1, past: int = 0,
@@ -135,24 +169,9 @@ def step_cost(config: GPTConfig, batch: int = 1, new_tokens: int = 1, past: int 
         raise InputError(f"past must be >= 0, got {past}")
     if past + new_tokens > config.n_positions:
         raise InputError(f"{past} cached + {new_tokens} new tokens exceed n_positions={config.n_positions}")
-    B, T, P, D, V, L = batch, new_tokens, past, config.n_embd, config.vocab_size, config.n_layer
-    n_logit_rows = {"last": B, "all": B * T, "none": 0}[logits]
-    flops = {
-        "linear": 2 * layer_matmul_params(config) * L * B * T,
-        "attention": attention_flops(config, B, T, P, causal=causal),
-        "lm_head": 2 * D * V * n_logit_rows,
-    }
-    e = bytes_per_element
-    weights = parameter_count(config, non_embedding=True) + (V * D if n_logit_rows else 0)
-    nbytes = {
-        "weights": weights * e,
-        "embeddings": 2 * B * T * D * e,                       # wte rows + wpe rows gathered
-        "kv_read": 2 * L * B * (P + T) * D * e,                # every visible key and value, once
-        "kv_write": 2 * L * B * T * D * e,                     # the new keys and values
-        "activations": 2 * L * B * T * D * e,                  # residual stream in and out per layer
-        "logits": n_logit_rows * V * e,
-    }
-    return StepCost(flops=flops, bytes=nbytes, batch=B, new_tokens=T, past=P)
+    n_logit_rows = {"last": batch, "all": batch * new_tokens, "none": 0}[logits]
+    return batch_cost(config, [new_tokens] * batch, [past + new_tokens] * batch, n_logit_rows,
+                      bytes_per_element, causal)
 
 
 def prefill_cost(config: GPTConfig, prompt_len: int, batch: int = 1, **kw) -> StepCost:

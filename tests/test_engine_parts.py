@@ -5,10 +5,12 @@ import torch
 
 from conftest import random_model
 from course_lib.config import GPTConfig
-from course_lib.engine import LLM, SamplingParams, step_bytes, step_flops
+from course_lib import perf
+from course_lib.engine import LLM, SamplingParams
+from course_lib.engine.attention import gather_keys
 from course_lib.engine.block_manager import BlockManager, hash_block
-from course_lib.engine.kv_cache import PagedKVCache, kv_pool_bytes
-from course_lib.engine.metrics import non_embedding_params
+from course_lib.engine.kv_cache import PagedKVCache, kv_bytes_per_block
+from course_lib.engine.metrics import step_cost
 from course_lib.engine.scheduler import Scheduler
 from course_lib.engine.sequence import Sequence, SequenceStatus
 
@@ -26,7 +28,6 @@ def test_blocks_cover_tokens_and_come_back():
     assert bm.allocate(s, 9)
     assert len(s.block_table) == 3 and 0 not in s.block_table      # block 0 is the null block
     assert bm.num_free_blocks == 7
-    assert bm.slot(s, 5) == s.block_table[1] * 4 + 1
     bm.free_sequence(s)
     assert bm.num_free_blocks == 10 and all(b.ref_count == 0 for b in bm.blocks)
 
@@ -143,36 +144,33 @@ def test_kv_pool_bytes_formula_equals_allocation(dtype):
     kv = PagedKVCache(CFG, num_blocks=13, block_size=7, dtype=dtype)
     elem = 4 if dtype == torch.float32 else 2
     by_hand = 2 * CFG.n_layer * (13 + 1) * 7 * CFG.n_head * CFG.head_dim * elem
-    assert kv.nbytes() == kv_pool_bytes(CFG, 13, 7, dtype) == by_hand
+    assert kv.nbytes() == (13 + 1) * kv_bytes_per_block(CFG, 7, dtype) == by_hand
     assert kv.k[1].shape == (14, 7, CFG.n_head, CFG.head_dim)
 
 
 def test_kv_write_then_gather_roundtrip():
     kv = PagedKVCache(CFG, num_blocks=5, block_size=3)
     k = torch.randn(4, CFG.n_head, CFG.head_dim)
-    slots = torch.tensor([13, 3, 4, 9])
+    table = torch.tensor([4, 1, 3])                   # a request's blocks: positions 0-2, 3-5, 6-8
+    slots = torch.tensor([12, 13, 3, 4])              # its positions 0, 1, 3, 4
     kv.write(1, k, -k, slots)
-    keys, values = kv.gather(1, slots)
-    assert torch.equal(keys, k) and torch.equal(values, -k)
-    assert torch.equal(kv.k[1][4, 1], k[0])           # slot 13 = block 4, offset 1
+    keys, values = gather_keys(kv, 1, table, 5)       # positions 0..4
+    assert torch.equal(keys[[0, 1, 3, 4]], k) and torch.equal(values[[0, 1, 3, 4]], -k)
+    assert torch.equal(kv.k[1][4, 1], k[1])           # slot 13 = block 4, offset 1
 
 
 # ---------------------------------------------------------------- ledger
 def test_ledger_flops_and_bytes_equal_hand_counts():
     D, L, V, F = CFG.n_embd, CFG.n_layer, CFG.vocab_size, CFG.mlp_dim
-    N = L * (D * 3 * D + 3 * D + D * D + D + D * F + F + F * D + D + 4 * D) + 2 * D
-    assert non_embedding_params(CFG) == N == GPTModelCount()
+    N = L * (D * 3 * D + 3 * D + D * D + D + D * F + F + F * D + D + 4 * D) + 2 * D   # + biases, norms
+    W = L * (D * 3 * D + D * D + D * F + F * D)                                       # weight matrices
+    assert perf.parameter_count(CFG) == N == random_model(CFG).num_params(non_embedding=True)
     # a step with a fresh 5-token prompt, a 3-token chunk after 4 cached tokens, a decode at context 10
     q, c = [5, 3, 1], [5, 7, 10]
     keys_seen = (1 + 2 + 3 + 4 + 5) + (5 + 6 + 7) + 10
-    flops = 2 * N * 9 + 4 * L * D * keys_seen + 2 * D * V * 2
-    assert step_flops(CFG, q, c, num_logit_rows=2) == flops
-    assert step_bytes(CFG, c, num_logit_rows=2, bytes_per_element=2) == 2 * (N + V * D + 2 * L * D * 22)
-    assert step_bytes(CFG, c, num_logit_rows=0, bytes_per_element=4) == 4 * (N + 2 * L * D * 22)
-
-
-def GPTModelCount():
-    return random_model(CFG).num_params(non_embedding=True)
+    flops = 2 * W * 9 + 4 * L * D * keys_seen + 2 * D * V * 2
+    assert step_cost(CFG, q, c, 2, 2) == (flops, 2 * (N + V * D + 2 * L * D * 22))
+    assert step_cost(CFG, q, c, 0, 4)[1] == 4 * (N + 2 * L * D * 22)
 
 
 def test_engine_ledger_matches_formula_per_step():
@@ -181,13 +179,26 @@ def test_engine_ledger_matches_formula_per_step():
     llm.generate([[1] * 11, [2] * 3], SamplingParams(max_tokens=3))
     recs = llm.ledger.records
     # step 0: 8 of the 11-token prompt (no logits); step 1: last 3 + the 3-token prompt, both sample
-    assert [(r.num_prefill_tokens, r.num_decode_tokens, r.num_logit_rows) for r in recs[:2]] == [(8, 0, 0), (6, 0, 2)]
-    assert recs[0].flops == step_flops(CFG, [8], [8], 0)
-    assert recs[1].flops == step_flops(CFG, [3, 3], [11, 3], 2)
-    assert recs[2].bytes == step_bytes(CFG, [12, 4], 2, 4)
+    assert [(r.num_prefill_tokens, r.num_decode_tokens, r.num_logit_rows) for r in recs[:3]] == [
+        (8, 0, 0), (6, 0, 2), (0, 2, 2)]
+    assert (recs[0].flops, recs[0].bytes) == step_cost(CFG, [8], [8], 0, 4)
+    assert recs[1].flops == step_cost(CFG, [3, 3], [11, 3], 2, 4)[0]
+    assert recs[2].bytes == step_cost(CFG, [1, 1], [12, 4], 2, 4)[1]
     for r in recs:
         assert r.mfu == pytest.approx(r.flops / r.seconds / 1e12)
         assert r.mbu == pytest.approx(r.bytes / r.seconds / 1e11)
+
+
+def test_a_one_token_last_chunk_is_a_prefill_everywhere():
+    """One definition of a decode: a single new token that was itself sampled. The last chunk of a
+    prompt can be one token long; the ledger and the snapshots both call it a prefill."""
+    llm = LLM(random_model(CFG), block_size=4, max_num_batched_tokens=4, snapshot=True)
+    llm.generate([[3] * 5], SamplingParams(max_tokens=2, ignore_eos=True))     # chunks of 4 and 1
+    first, last_chunk, decode = llm.snapshots[:3]
+    assert [d["num_tokens"] for d in (first.scheduled[0], last_chunk.scheduled[0], decode.scheduled[0])] == [4, 1, 1]
+    assert [s.scheduled[0]["kind"] for s in (first, last_chunk, decode)] == ["prefill", "prefill", "decode"]
+    recs = llm.ledger.records
+    assert [(r.num_prefill_tokens, r.num_decode_tokens) for r in recs[:3]] == [(4, 0), (1, 0), (0, 1)]
 
 
 # ---------------------------------------------------------------- sampling, metrics, snapshots
@@ -230,7 +241,7 @@ def test_request_metrics_are_consistent():
 
     llm = LLM(random_model(CFG), block_size=4)
     out = llm.generate([[1, 2, 3], [4] * 9], SamplingParams(max_tokens=5, ignore_eos=True))
-    tp = throughput(llm.last_sequences)
+    tp = throughput(out)
     assert tp["output_tokens"] == 10 and tp["output_tokens_per_s"] == pytest.approx(10 / tp["seconds"])
     for o in out:
         m = o.metrics
@@ -266,51 +277,61 @@ def test_logprobs_top_k_and_chosen_token():
     assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].logprobs is None
 
 
-def test_graph_replay_bookkeeping_on_cpu():
-    """The CUDA-graph path's static buffers, bucketing and padding, with an eager stand-in for
-    the graph (CPU has no CUDA graphs): tokens equal the plain engine's."""
-    model = random_model(CFG)
-    prompts = [[i + 1] * (3 + 2 * i) for i in range(5)]
-    p = SamplingParams(max_tokens=9, ignore_eos=True)
-    want = [o.token_ids for o in LLM(model, block_size=4).generate(prompts, p)]
+def test_top_k_top_p_and_temperature_give_the_hand_computed_distribution():
+    """The sampler's distribution, measured over many draws of one logits row, equals the one
+    worked out by hand: temperature first, then the top-k cut, then the smallest nucleus whose
+    mass reaches top_p, then renormalise. A reversed nucleus (keeping the tail) or a filter
+    applied before the temperature would move mass to tokens that must never appear."""
+    from course_lib.engine.sampler import sample
 
-    llm = LLM(model, block_size=4, attention="sdpa")      # the graph-safe decode path
-    runner = llm.engine.runner
-    runner.allocate_static_batch(8)
-    replays = []
-
-    class EagerGraph:
-        def __init__(self, B):
-            self.B, self.out = B, torch.zeros(B, CFG.vocab_size)
-
-        def replay(self):
-            replays.append(self.B)
-            view = runner._graph_view(self.B)
-            assert view.block_tables.shape[1] == runner.max_blocks_per_seq
-            self.out.copy_(runner.forward(view))
-
-    for B in (1, 2, 4, 8):
-        g = EagerGraph(B)
-        runner.graphs[B] = (g, g.out)
-    got = [o.token_ids for o in llm.generate(prompts, p)]
-    assert got == want
-    assert 8 in replays and set(replays) <= {1, 2, 4, 8}        # 5 sequences run in the 8-bucket
-    assert llm.engine.kv_cache.k[0][0].abs().sum() > 0           # padded rows wrote to the null block...
-    llm.engine.kv_cache.pool[:, :, 0] = 1e4                       # ...which never weighs in for a real one
-    assert [o.token_ids for o in llm.generate(prompts, p)] == want
+    logits = torch.log(torch.tensor([0.05, 0.40, 0.02, 0.25, 0.18, 0.10]))     # probabilities at T = 1
+    # T = 0.5 squares the probabilities: 0.16, 0.0625, 0.0324, 0.01 (tokens 1, 3, 4, 5) are the top 4;
+    # renormalised over them: 0.604, 0.236, 0.122, 0.038. The smallest nucleus with mass >= 0.8 is
+    # tokens 1 and 3 (0.840): renormalised, 0.16 / 0.2225 and 0.0625 / 0.2225.
+    want = torch.zeros(6)
+    want[1], want[3] = 0.16 / 0.2225, 0.0625 / 0.2225
+    params = SamplingParams(temperature=0.5, top_k=4, top_p=0.8)
+    n = 6000
+    seq = Sequence([0], params)
+    seq.generator = torch.Generator().manual_seed(0)
+    draws = torch.tensor(sample(logits.repeat(n, 1), [seq] * n))
+    freq = torch.bincount(draws, minlength=6).float() / n
+    assert freq[[0, 2, 4, 5]].sum() == 0                    # outside the top-k or the nucleus: never
+    assert torch.allclose(freq, want, atol=0.02), (freq, want)
 
 
-def test_prefill_groups_batch_fresh_equal_length_runs():
-    """Consecutive prefills with no cached prefix and equal length form one attention call."""
-    import torch
+def test_torch_attention_equals_an_explicit_softmax_on_a_mixed_step():
+    """Decodes, a run of fresh equal prompts, a fresh prompt of its own length and a chunk after a
+    cached prefix in one step: the batched SDPA path equals scores → mask → softmax → weights @ V
+    written out per request."""
+    from course_lib.engine.attention import TorchAttention
+    from course_lib.engine.batch import build_flat_batch
+    from course_lib.engine.scheduler import ScheduledSeq
 
-    from course_lib.engine.runner import StepBatch
-
-    qlens = [1, 1, 5, 5, 5, 3, 5, 5, 4]
-    ctx = [9, 4, 5, 5, 12, 3, 5, 5, 4]          # the third prefill (12 keys) has a cached prefix
-    starts = [0]
-    for q in qlens:
-        starts.append(starts[-1] + q)
-    empty = torch.zeros(0)
-    b = StepBatch(empty, empty, empty, starts, starts, empty, ctx, empty, empty, num_decodes=2)
-    assert b.prefill_groups == [(2, 4, True), (4, 5, False), (5, 6, True), (6, 8, True), (8, 9, True)]
+    torch.manual_seed(0)
+    H, Dh, bs = CFG.n_head, CFG.head_dim, 4
+    kv = PagedKVCache(CFG, num_blocks=40, block_size=bs)
+    kv.pool.normal_()
+    rng = iter(range(1, 41))
+    plan = [(9, 1), (4, 1), (5, 5), (5, 5), (3, 3), (12, 5), (7, 7)]        # (keys, new tokens) per request
+    scheduled = []
+    for keys, new in plan:
+        s = _seq([1] * keys)
+        s.block_table = [next(rng) for _ in range(-(-keys // bs))]
+        scheduled.append(ScheduledSeq(s, new, keys - new))
+    flat = build_flat_batch(scheduled, bs)
+    N = flat.num_tokens
+    q, k, v = (torch.randn(N, H, Dh) for _ in range(3))
+    views = {n: torch.from_numpy(a) for n, a in {**flat.arrays(), "block_tables": flat.block_tables}.items()}
+    kv.write(0, k, v, views["slot_mapping"])
+    attn = TorchAttention()
+    got = attn.forward(q, k, v, kv, 0, attn.metadata(flat, views, torch.float32, bs))
+    for i, s in enumerate(flat.seqs):
+        a, b = flat.query_start[i], flat.query_start[i + 1]
+        S = int(flat.context_lens[i])
+        keys, values = gather_keys(kv, 0, torch.tensor(s.seq.block_table), S)            # (S, H, Dh)
+        scores = torch.einsum("nhd,shd->hns", q[a:b], keys) / Dh ** 0.5                 # (H, n, S)
+        pos = torch.arange(S - (b - a), S)[:, None]
+        weights = scores.masked_fill(torch.arange(S)[None, :] > pos, float("-inf")).softmax(-1)
+        want = torch.einsum("hns,shd->nhd", weights, values)
+        assert torch.allclose(got[a:b], want, atol=1e-5), f"request {i} ({plan[i]})"

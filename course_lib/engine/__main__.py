@@ -4,9 +4,10 @@
     python -m course_lib.engine generate --model path/to/checkpoint --prompt-ids 464,3290 --max-tokens 20
     python -m course_lib.engine bench --model gpt2 --workloads prefill,decode,serving
 
+Both take the engine's settings (:class:`~course_lib.engine.config.EngineConfig`) as flags.
 ``bench`` measures this engine alone (``--model`` = a shape name with random weights:
 gpt2, gpt2-xl, smoke; or a checkpoint directory, or tiny); benchmarks/bench_engine.py puts it
-beside HF transformers. Introduced in notebooks/11_inside_an_engine.ipynb.
+beside HF transformers. Every bad flag ends in a one-line ``error: ...`` and exit status 2.
 """
 
 from __future__ import annotations
@@ -17,24 +18,80 @@ import sys
 
 from ..errors import CourseError
 
+WORKLOADS = ("prefill", "decode", "serving")
 
-def _llm(args, **extra):
-    from .llm import LLM
 
-    return LLM(args.model, device=args.device, dtype=args.dtype, block_size=args.block_size, **extra)
+def int_list(text: str) -> list[int]:
+    """``"1,8,32"`` → ``[1, 8, 32]``; an argparse type, so garbage is a clean error."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one integer, e.g. 1,2,3")
+    return values
+
+
+def positive_list(text: str) -> list[int]:
+    values = int_list(text)
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be a positive integer")
+    return values
+
+
+def positive_int(text: str) -> int:
+    return positive_list(text)[0] if "," not in text else _one_int(text)
+
+
+def _one_int(text: str) -> int:
+    raise argparse.ArgumentTypeError(f"{text!r} is not one positive integer")
+
+
+def workload_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown workload(s) {unknown or [text]}; choose from {','.join(WORKLOADS)}")
+    return names
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The EngineConfig fields as flags (defaults: the engine's own choices)."""
+    g = parser.add_argument_group("engine")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    g.add_argument("--block-size", type=int, default=16, help="token slots per KV block")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
+    g.add_argument("--gpu-memory-fraction", type=float, default=None, help="GPU memory for weights + KV pool")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="requests in one step")
+    g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    g.add_argument("--attention", choices=["torch", "triton"], default=None)
+    g.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto")
+
+
+def engine_config(args):
+    from .config import EngineConfig
+
+    return EngineConfig(device=args.device, dtype=args.dtype, block_size=args.block_size,
+                        num_kv_blocks=args.num_kv_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
+                        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                        enable_chunked_prefill=args.enable_chunked_prefill,
+                        enable_prefix_caching=args.enable_prefix_caching, attention=args.attention,
+                        cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
 
 
 def cmd_generate(args) -> int:
+    from .llm import LLM
     from .sequence import SamplingParams
 
-    llm = _llm(args)
-    prompts = list(args.prompt or [])
-    for ids in args.prompt_ids or []:
-        prompts.append([int(t) for t in ids.split(",") if t.strip()])
+    prompts = list(args.prompt or []) + list(args.prompt_ids or [])
     if not prompts:
         raise CourseError("give --prompt TEXT or --prompt-ids 1,2,3 (repeatable)")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
+    llm = LLM(args.model, config=engine_config(args))
     if args.stream and len(prompts) == 1:
         for ev in llm.stream(prompts, params):
             print(ev.text if ev.text is not None else f"{ev.token_id} ", end="", flush=True)
@@ -50,21 +107,22 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from . import benchmark as B
-    from .llm import LLM, resolve_device, resolve_dtype
+    import dataclasses
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    peaks = B.ceilings(device, smoke=args.model in ("smoke", "tiny"))
-    model = B.random_gpt(args.model, device, dtype) if args.model in B.SHAPES else args.model
-    llm = LLM(model, device=device, dtype=dtype, block_size=args.block_size,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+    from . import benchmark as B
+    from .llm import LLM
+
+    config = engine_config(args).resolve_device_and_dtype()
+    peaks = B.ceilings(config.device, smoke=args.model in ("smoke", "tiny"))
+    model = B.random_gpt(args.model, config.device, config.dtype) if args.model in B.SHAPES else args.model
+    llm = LLM(model, config=dataclasses.replace(config, peak_flops=peaks["matmul_bf16_tflops"] * 1e12,
+                                                peak_bandwidth=peaks["copy_gbps"] * 1e9))
     cfg = llm.config
     rows = []
     T = min(args.prompt_len, cfg.n_positions - 1)
     ctx = min(args.context, cfg.n_positions - args.decode_steps - 2)
-    for workload in args.workloads.split(","):
-        for batch in map(int, args.batches.split(",")):
+    for workload in args.workloads:
+        for batch in args.batches:
             if workload == "prefill":
                 r = B.engine_prefill(llm, batch, T, peaks)
             elif workload == "decode":
@@ -76,7 +134,7 @@ def cmd_bench(args) -> int:
         hi = min(args.serving_max_len, cfg.n_positions // 2)
         prompts, outs = B.serving_workload(args.num_requests, min(args.serving_min_len, hi), hi, cfg.vocab_size)
         rows.append({"workload": "serving", "batch": args.num_requests, **B.engine_serving(llm, prompts, outs)})
-    print(f"device {device}, ceilings: {peaks['matmul_bf16_tflops']:.1f} TFLOP/s, {peaks['copy_gbps']:.0f} GB/s")
+    print(f"device {config.device}, ceilings: {peaks['matmul_bf16_tflops']:.1f} TFLOP/s, {peaks['copy_gbps']:.0f} GB/s")
     print("| workload | batch | tokens/s | MFU | MBU |\n|---|---|---|---|---|")
     for r in rows:
         pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"   # noqa: E731
@@ -86,18 +144,21 @@ def cmd_bench(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):           # one line and exit status 2, as argparse does, but no usage dump
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m course_lib.engine", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    parser = _Parser(prog="python -m course_lib.engine", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    common = _Parser(add_help=False)
     common.add_argument("--model", default="tiny", help="'tiny', a checkpoint directory, or (bench) a shape name")
-    common.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    common.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    common.add_argument("--block-size", type=int, default=16)
+    add_engine_arguments(common)
 
     g = sub.add_parser("generate", parents=[common], help="generate text")
     g.add_argument("--prompt", action="append", help="text prompt (repeatable)")
-    g.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeatable)")
+    g.add_argument("--prompt-ids", action="append", type=int_list, help="comma-separated token ids (repeatable)")
     g.add_argument("--max-tokens", type=int, default=20)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -107,16 +168,14 @@ def main(argv=None) -> int:
     g.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
 
     b = sub.add_parser("bench", parents=[common], help="measure prefill, decode and serving throughput")
-    b.add_argument("--workloads", default="prefill,decode,serving")
-    b.add_argument("--batches", default="1,8")
-    b.add_argument("--prompt-len", type=int, default=1024)
-    b.add_argument("--context", type=int, default=512)
-    b.add_argument("--decode-steps", type=int, default=64)
-    b.add_argument("--num-requests", type=int, default=256)
-    b.add_argument("--serving-min-len", type=int, default=100)
-    b.add_argument("--serving-max-len", type=int, default=1024)
-    b.add_argument("--max-num-batched-tokens", type=int, default=None)
-    b.add_argument("--max-num-seqs", type=int, default=None)
+    b.add_argument("--workloads", type=workload_list, default=list(WORKLOADS))
+    b.add_argument("--batches", type=positive_list, default=[1, 8])
+    b.add_argument("--prompt-len", type=positive_int, default=1024)
+    b.add_argument("--context", type=positive_int, default=512)
+    b.add_argument("--decode-steps", type=positive_int, default=64)
+    b.add_argument("--num-requests", type=positive_int, default=256)
+    b.add_argument("--serving-min-len", type=positive_int, default=100)
+    b.add_argument("--serving-max-len", type=positive_int, default=1024)
     b.add_argument("--json", action="store_true")
 
     args = parser.parse_args(argv)

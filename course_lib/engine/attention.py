@@ -1,199 +1,175 @@
-"""Attention over the paged KV cache, behind one small interface.
+"""Attention over the paged KV cache: two implementations behind one small interface.
 
-Every backend computes, for each sequence of the flat step batch, the causal attention of its
-new query rows against *all* its keys: the cached prefix plus the new tokens (whose K/V the
-runner has just written into the pool). A decode row is just a sequence with one query.
+For each request of the flat step batch (batch.py), attention computes the causal attention of
+its new query rows against *all* its keys: the cached prefix plus the new tokens, whose K/V the
+runner has just written into the pool. A decode is a request with one query row.
 
-* :class:`TorchAttention` — the readable reference: gather the keys, scores, scale, causal
-  mask, softmax, weighted sum, exactly as the reference model does; runs anywhere.
-* :class:`SDPAAttention` — the same with ``torch.nn.functional.scaled_dot_product_attention``
-  (fused kernels on GPU); decode rows go in one batched call with fixed shapes, so CUDA graphs
-  can capture it.
-* :class:`TritonAttention` (GPU) — SDPA for prefill rows, and a Triton kernel that walks each
-  sequence's block table for decode rows (``triton_decode.py``).
-* :class:`UnifiedTritonAttention` (GPU) — one FlashAttention-style Triton kernel for *every* row
-  (``triton_unified.py``), reading the step's structure from device tensors: a whole step, prefill
-  included, can be captured as one CUDA graph (``cuda_graphs="full"``, see step_graphs.py).
+* :class:`TorchAttention` — batched ``scaled_dot_product_attention``, readable and the CPU
+  default. Single-row requests (decodes) go in one call over their gathered blocks; fresh prompts
+  of equal length in one causal call; a request with a cached prefix or a later chunk gathers its
+  keys through its block table and masks by absolute position.
+* :class:`TritonAttention` — the unified FlashAttention-style Triton kernel (triton_unified.py):
+  one launch for every row of the step, reading the step's layout from device tensors only, so a
+  whole step can be captured as one CUDA graph (step_graphs.py). The CUDA default.
 
-Introduced in notebooks/11_inside_an_engine.ipynb; the tiled kernel in notebooks/12.
+Each implementation says which per-step arrays it reads beyond the common ones
+(:meth:`extra_arrays`), turns the arrays on the device into its own metadata (:meth:`metadata`),
+and computes ``forward(q, k, v, kv_cache, layer, metadata) -> (N, H, Dh)``.
 """
 
 from __future__ import annotations
 
-import math
-import os
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..model import causal_mask
+from .attention_tiles import build_tiles, tile_rows_for
+from .batch import FlatBatch
 from .kv_cache import PagedKVCache
 
 
-def sequence_slots(block_table: torch.Tensor, num_tokens: int, block_size: int) -> torch.Tensor:
-    """Slots of tokens ``0..num_tokens-1`` of one sequence: ``(num_tokens,)``."""
-    pos = torch.arange(num_tokens, device=block_table.device)
-    return block_table[pos // block_size].long() * block_size + pos % block_size
+# ---------------------------------------------------------------------------------- torch / SDPA
+@dataclass
+class TorchMetadata:
+    block_tables: torch.Tensor      # (B, M) block ids, null-block padded
+    query_start: list[int]          # (B + 1,) on the host: the loops below read it
+    context_lens: list[int]         # (B,) keys per request
+    num_single_rows: int            # requests 0..num_single_rows-1 have one query row each (b of them)
+    single_row_blocks: torch.Tensor  # (b * M,) their block tables, flattened: one gather per layer
+    single_row_bias: torch.Tensor   # (b, 1, 1, M * bs) 0 for their keys, -inf past each one's length
 
 
-class AttentionBackend:
-    """``forward(q, k, v, kv_cache, layer, batch) -> (N, H, Dh)``; ``q``, ``k``, ``v`` are the new
-    tokens' ``(N, H, Dh)`` and ``batch`` a :class:`~course_lib.engine.runner.StepBatch`."""
-
-    name = "base"
-    graph_safe = False     # decode reads only device tensors: a CUDA graph can capture it
-    needs_tiles = False    # reads StepBatch.tiles (the unified kernel's tile table)
-
-    def forward(self, q, k, v, kv: PagedKVCache, layer: int, batch) -> torch.Tensor:
-        nd = batch.num_decodes                       # decode rows come first, one per sequence
-        groups = batch.prefill_groups
-        if nd == 0 and len(groups) == 1 and groups[0][2]:
-            return self.prefill_fresh(q, k, v, kv, layer, batch, 0, batch.num_seqs)   # no copy
-        out = torch.empty_like(q)
-        if nd:
-            out[:nd] = self.decode(q[:nd], kv, layer, batch)
-        for first, end, fresh in groups:
-            a, b = batch.query_start[first], batch.query_start[end]
-            if fresh:
-                out[a:b] = self.prefill_fresh(q[a:b], k[a:b], v[a:b], kv, layer, batch, first, end)
-            else:
-                out[a:b] = self.prefill(q[a:b], k[a:b], v[a:b], kv, layer, batch, first)
-        return out
-
-    def prefill_fresh(self, q, k, v, kv, layer, batch, first, end) -> torch.Tensor:
-        """Sequences ``first..end-1``: equal query lengths and no cached prefix, rows end to end."""
-        n = q.shape[0] // (end - first)
-        return torch.cat([self.prefill(q[j * n:(j + 1) * n], k[j * n:(j + 1) * n], v[j * n:(j + 1) * n],
-                                       kv, layer, batch, first + j) for j in range(end - first)])
-
-    def decode(self, q, kv, layer, batch) -> torch.Tensor:
-        """One query row per sequence ``(B, H, Dh)`` against each sequence's cached keys."""
-        return torch.cat([self.prefill(q[i:i + 1], None, None, kv, layer, batch, i)
-                          for i in range(q.shape[0])])
-
-    def prefill(self, q, k, v, kv, layer, batch, i) -> torch.Tensor:
-        raise NotImplementedError
+def gather_keys(kv: PagedKVCache, layer: int, block_table: torch.Tensor, num_keys: int):
+    """Keys and values ``(num_keys, H, Dh)`` of one request, read block by block from the pool."""
+    H, Dh = kv.k[layer].shape[-2:]
+    blocks = block_table[: -(-num_keys // kv.block_size)]
+    keys = kv.k[layer].index_select(0, blocks).view(-1, H, Dh)[:num_keys]
+    return keys, kv.v[layer].index_select(0, blocks).view(-1, H, Dh)[:num_keys]
 
 
-class TorchAttention(AttentionBackend):
-    """The reference, written out step by step (runs on CPU and GPU)."""
-
+class TorchAttention:
     name = "torch"
 
-    def prefill(self, q, k, v, kv, layer, batch, i):
-        n, H, Dh = q.shape                                            # n new queries
-        S = batch.context_lens_host[i]                                 # keys: prefix + new
-        slots = sequence_slots(batch.block_tables[i], S, kv.block_size)
-        keys, values = kv.gather(layer, slots)                         # (S, H, Dh)
-        scores = q.transpose(0, 1) @ keys.permute(1, 2, 0)             # (H, n, S)
-        scaled = scores / math.sqrt(Dh)
-        mask = causal_mask(n, S, device=q.device)                      # (n, S): the last n of S
-        weights = torch.softmax(scaled.masked_fill(~mask, float("-inf")), dim=-1)
-        return (weights @ values.transpose(0, 1)).transpose(0, 1)      # (n, H, Dh)
+    def extra_arrays(self, flat: FlatBatch) -> dict[str, np.ndarray]:
+        return {"block_tables": flat.block_tables}
 
+    def metadata(self, flat: FlatBatch, views: dict[str, torch.Tensor], dtype: torch.dtype,
+                 block_size: int) -> TorchMetadata:
+        """Built once per step, read by every layer."""
+        nd, tables = flat.num_single_rows, views["block_tables"]
+        keys = torch.arange(tables.shape[1] * block_size, device=tables.device)                 # (M * bs,)
+        visible = keys < views["context_lens"][:nd, None]                                       # (b, M * bs)
+        bias = torch.zeros(visible.shape, dtype=dtype, device=tables.device).masked_fill_(~visible, float("-inf"))
+        return TorchMetadata(block_tables=tables, query_start=flat.query_start.tolist(),
+                             context_lens=flat.context_lens.tolist(), num_single_rows=nd,
+                             single_row_blocks=tables[:nd].flatten(), single_row_bias=bias[:, None, None, :])
 
-class SDPAAttention(AttentionBackend):
-    """PyTorch's fused attention; decode rows batched with fixed shapes (CUDA-graph safe)."""
+    def forward(self, q, k, v, kv: PagedKVCache, layer: int, meta: TorchMetadata) -> torch.Tensor:
+        qs, ctx, nd = meta.query_start, meta.context_lens, meta.num_single_rows
+        fresh_run = _fresh_equal_run(qs, ctx, nd, len(ctx))
+        if fresh_run == len(ctx) - nd and nd == 0:       # one batch of fresh, equal prompts: no copy
+            return self.fresh_prompts(q, k, v, len(ctx))
+        out = torch.empty_like(q)                        # (N, H, Dh)
+        if nd:
+            out[:nd] = self.single_rows(q[:nd], kv, layer, meta.single_row_blocks, meta.single_row_bias)
+        i = nd
+        while i < len(ctx):
+            run = _fresh_equal_run(qs, ctx, i, len(ctx))
+            a, b = qs[i], qs[i + max(run, 1)]
+            if run:                                      # requests i..i+run-1: fresh, equal lengths
+                out[a:b] = self.fresh_prompts(q[a:b], k[a:b], v[a:b], run)
+                i += run
+            else:                                        # a cached prefix or a later chunk
+                out[a:b] = self.with_prefix(q[a:b], kv, layer, meta.block_tables[i], ctx[i])
+                i += 1
+        return out
 
-    name = "sdpa"
-    graph_safe = True
-
-    def prefill(self, q, k, v, kv, layer, batch, i):
-        n = q.shape[0]
-        S = batch.context_lens_host[i]
-        qh = q.transpose(0, 1)[None]                                   # (1, H, n, Dh)
-        if S == n:                                                     # no cached prefix
-            out = F.scaled_dot_product_attention(qh, k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                                 is_causal=True)
-        else:
-            slots = sequence_slots(batch.block_tables[i], S, kv.block_size)
-            keys, values = kv.gather(layer, slots)                     # (S, H, Dh)
-            mask = causal_mask(n, S, device=q.device)
-            out = F.scaled_dot_product_attention(qh, keys.transpose(0, 1)[None],
-                                                 values.transpose(0, 1)[None], attn_mask=mask)
-        return out[0].transpose(0, 1)                                  # (n, H, Dh)
-
-    def prefill_fresh(self, q, k, v, kv, layer, batch, first, end):
-        G = end - first
+    @staticmethod
+    def fresh_prompts(q, k, v, count: int) -> torch.Tensor:
+        """``count`` prompts of equal length and no cached prefix, rows end to end: one causal call."""
         N, H, Dh = q.shape
-        q, k, v = (t.view(G, N // G, H, Dh).transpose(1, 2) for t in (q, k, v))   # (G, H, n, Dh)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)               # (G, H, n, Dh)
+        q, k, v = (t.view(count, N // count, H, Dh).transpose(1, 2) for t in (q, k, v))   # (G, H, n, Dh)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)                   # (G, H, n, Dh)
         return out.transpose(1, 2).reshape(N, H, Dh)
 
-    def decode(self, q, kv, layer, batch):
+    @staticmethod
+    def with_prefix(q, kv, layer, block_table, num_keys: int) -> torch.Tensor:
+        """The last ``n`` of ``num_keys`` positions of one request attend to keys 0..own position."""
+        n = q.shape[0]
+        keys, values = gather_keys(kv, layer, block_table, num_keys)                    # (S, H, Dh)
+        mask = causal_mask(n, num_keys, device=q.device)                                # (n, S)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                                             attn_mask=mask)                            # (H, n, Dh)
+        return out.transpose(0, 1)                                                      # (n, H, Dh)
+
+    @staticmethod
+    def single_rows(q, kv, layer, blocks, bias) -> torch.Tensor:
+        """One query row per request ``(b, H, Dh)`` against its keys: the blocks of all b requests
+        gathered in one index, keys past each request's length masked out by ``bias``."""
         B, H, Dh = q.shape
-        tables = batch.block_tables[:B].long()                         # (B, M)
-        bs = kv.block_size
-        offsets = torch.arange(bs, device=q.device)
-        slots = (tables[:, :, None] * bs + offsets).reshape(B, -1)     # (B, M * bs)
-        keys = kv.k[layer].view(-1, H, Dh)[slots]                      # (B, S_max, H, Dh)
-        values = kv.v[layer].view(-1, H, Dh)[slots]
-        pos = torch.arange(slots.shape[1], device=q.device)
-        mask = (pos[None, :] < batch.context_lens[:B, None]) | (pos[None, :] == 0)  # (B, S_max)
-        out = F.scaled_dot_product_attention(q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2),
-                                             attn_mask=mask[:, None, None, :])      # (B, H, 1, Dh)
-        return out[:, :, 0, :]
+        keys = kv.k[layer].index_select(0, blocks).view(B, -1, H, Dh)                   # (b, M * bs, H, Dh)
+        values = kv.v[layer].index_select(0, blocks).view(B, -1, H, Dh)
+        out = F.scaled_dot_product_attention(q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2),
+                                             attn_mask=bias)                            # (b, H, 1, Dh)
+        return out[:, :, 0]
 
 
-class TritonAttention(SDPAAttention):
-    """SDPA for prefill rows; the paged decode kernel of triton_decode.py for decode rows."""
+def _fresh_equal_run(qs: list[int], ctx: list[int], i: int, end: int) -> int:
+    """How many requests from ``i`` on have no cached prefix and the query length of request ``i``."""
+    n = qs[i + 1] - qs[i] if i < end else 0
+    j = i
+    while j < end and qs[j + 1] - qs[j] == n and ctx[j] == n and n > 1:
+        j += 1
+    return j - i
 
+
+# ---------------------------------------------------------------------------------- Triton
+@dataclass
+class TritonMetadata:
+    """The unified kernel's view of a step; every field a device tensor (CUDA-graph safe)."""
+
+    block_tables: torch.Tensor     # (B, M)
+    context_lens: torch.Tensor     # (B,)
+    query_start: torch.Tensor      # (B + 1,)
+    tile_seq: torch.Tensor         # (T,) the request of each tile
+    tile_row: torch.Tensor         # (T,) the flat row of each tile's first query
+    num_tiles: torch.Tensor        # (1,) live tiles; programs past it exit
+    grid: int                      # programs launched along the tile axis (>= live tiles)
+    block_m: int                   # query rows per tile
+    padded: bool                   # rows past the live ones exist (a captured step): zero their output
+
+
+class TritonAttention:
     name = "triton"
 
-    def decode(self, q, kv, layer, batch):
-        from .triton_decode import paged_decode_attention
+    def extra_arrays(self, flat: FlatBatch, block_m: int | None = None) -> dict[str, np.ndarray]:
+        block_m = block_m or tile_rows_for(flat.num_tokens)
+        tile_seq, tile_row = build_tiles(flat.query_start.tolist(), flat.context_lens.tolist(), block_m)
+        return {"block_tables": flat.block_tables, "tile_seq": np.asarray(tile_seq, dtype=np.int64),
+                "tile_row": np.asarray(tile_row, dtype=np.int64), "num_tiles": np.array([len(tile_seq)])}
 
-        B = q.shape[0]
-        return paged_decode_attention(q, kv.k[layer], kv.v[layer], batch.block_tables[:B],
-                                      batch.context_lens[:B])
+    def metadata(self, flat: FlatBatch | None, views: dict[str, torch.Tensor], dtype=None, block_size=None,
+                 grid: int | None = None, block_m: int | None = None, padded: bool = False) -> TritonMetadata:
+        """Eager steps: from ``flat``; a captured step graph: its static buffers, ``grid`` and ``block_m``."""
+        if flat is not None:
+            grid, block_m = len(views["tile_seq"]), tile_rows_for(flat.num_tokens)
+        return TritonMetadata(block_tables=views["block_tables"], context_lens=views["context_lens"],
+                              query_start=views["query_start"], tile_seq=views["tile_seq"],
+                              tile_row=views["tile_row"], num_tiles=views["num_tiles"], grid=grid,
+                              block_m=block_m, padded=padded)
 
-
-class UnifiedTritonAttention(AttentionBackend):
-    """Every row of the step — decodes, fresh prefills, cached prefixes, chunks — in one launch of
-    the unified kernel. The runner gives the batch a tile table (``batch.tiles``); nothing here
-    reads a host-side length, so the whole step is graph-safe."""
-
-    name = "triton-unified"
-    graph_safe = True
-    needs_tiles = True     # the runner builds StepBatch.tiles for this backend
-
-    def forward(self, q, k, v, kv, layer, batch):
+    def forward(self, q, k, v, kv: PagedKVCache, layer: int, meta: TritonMetadata) -> torch.Tensor:
         from .triton_unified import unified_attention
 
-        t = batch.tiles
-        # padded rows of a captured step belong to no tile: zero them rather than leave garbage
-        out = torch.zeros_like(q) if batch.padded else torch.empty_like(q)         # (N, H, Dh)
-        return unified_attention(q, kv.k[layer], kv.v[layer], batch.block_tables, batch.context_lens,
-                                 t.query_start, t.seq, t.row, t.count, t.grid, t.block_m, out=out)
+        out = torch.zeros_like(q) if meta.padded else torch.empty_like(q)                # (N, H, Dh)
+        return unified_attention(q, kv.k[layer], kv.v[layer], meta.block_tables, meta.context_lens,
+                                 meta.query_start, meta.tile_seq, meta.tile_row, meta.num_tiles, meta.grid,
+                                 meta.block_m, out=out)
 
 
-BACKENDS = {"torch": TorchAttention, "sdpa": SDPAAttention, "triton": TritonAttention,
-            "triton-unified": UnifiedTritonAttention}
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def make_backend(name: str | None, device: torch.device) -> AttentionBackend:
-    """``None`` picks: Triton on CUDA when installed, else SDPA on CUDA, the reference on CPU
-    (the engine itself picks ``triton-unified`` on CUDA when it captures whole steps)."""
-    from ..errors import ConfigError
-
-    if name is None:
-        if device.type == "cuda":
-            name = "triton" if triton_available() else "sdpa"
-        else:
-            name = "torch"
-    if name not in BACKENDS:
-        raise ConfigError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
-    if name == "triton-unified" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError("attention='triton-unified' needs a CUDA GPU; on CPU set TRITON_INTERPRET=1 before "
-                          "starting Python to run the kernel (slowly) through the Triton interpreter")
-    if name in ("triton", "triton-unified") and not triton_available():
-        raise ConfigError(f"attention={name!r} needs the triton package (pip install triton)")
-    return BACKENDS[name]()
+def make_attention(name: str):
+    """``"torch"`` or ``"triton"`` (EngineConfig.resolve has checked that it can run here)."""
+    return {"torch": TorchAttention, "triton": TritonAttention}[name]()

@@ -4,7 +4,6 @@ Shared by ``python -m course_lib.engine bench`` (the engine alone) and
 ``benchmarks/bench_engine.py`` (the engine beside HF transformers). Every measurement returns
 tokens per second together with the FLOPs and bytes the ledger counted, so MFU and MBU sit
 next to it (gpt-fast's habit: show the distance to the hardware limit).
-Introduced in notebooks/11_inside_an_engine.ipynb.
 """
 
 from __future__ import annotations
@@ -14,9 +13,10 @@ import time
 
 import torch
 
+from .. import perf
 from ..config import GPTConfig
 from ..model import GPT
-from .metrics import step_bytes, step_flops
+from .metrics import step_cost
 from .sequence import SamplingParams
 
 #: model shapes with random weights; n_positions 2048 as in the issue's benchmark
@@ -36,38 +36,12 @@ def random_gpt(shape: str, device, dtype, seed: int = 0) -> GPT:
     return model.to(dtype).eval()
 
 
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def ceilings(device, smoke: bool = False) -> dict:
-    """Measured peaks: bf16 matmul (8192^3 on GPU) in TFLOP/s and device copy (read + write) in GB/s."""
-    device = torch.device(device)
-    n = 512 if smoke or device.type != "cuda" else 8192
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    reps = 3 if smoke else 20
-    for _ in range(2):
-        a @ b
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    tflops = 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
-    numel = (2 ** 24 if smoke or device.type != "cuda" else 2 ** 30)   # 1 GiB of bf16 on GPU
-    src = torch.empty(numel, device=device, dtype=torch.bfloat16).fill_(1)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        dst.copy_(src)
-    sync(device)
-    gbps = 2 * src.numel() * src.element_size() * reps / (time.perf_counter() - t) / 1e9
-    return {"matmul_bf16_tflops": tflops, "copy_gbps": gbps}
+    """Measured peaks (course_lib.perf): matmul (bf16 8192^3 on a GPU) in TFLOP/s, device copy
+    (read + write; 2 GiB on a GPU) in GB/s."""
+    c = perf.measure_ceilings(device, matmul_n=512 if smoke else None, copy_bytes=(32 << 20) if smoke else None,
+                              repeats=3 if smoke else 10)
+    return {"matmul_bf16_tflops": c.peak_flops / 1e12, "copy_gbps": c.bandwidth / 1e9}
 
 
 def random_prompts(count: int, lengths, vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -100,10 +74,10 @@ def engine_prefill(llm, batch: int, prompt_len: int, peaks=None, seed: int = 0, 
     for r in range(repeats + 1):                    # the first round warms up
         prompts = random_prompts(batch, prompt_len, llm.config.vocab_size, seed + r)   # no prefix hits
         n0 = len(llm.ledger.records)
-        sync(llm.device)
+        perf.synchronize(llm.device)
         t = time.perf_counter()
         llm.generate(prompts, SamplingParams(max_tokens=1, ignore_eos=True))
-        sync(llm.device)
+        perf.synchronize(llm.device)
         secs = time.perf_counter() - t
         recs = llm.ledger.records[n0:]
         if r and (best is None or secs < best[0]):
@@ -126,10 +100,12 @@ def engine_decode(llm, batch: int, context: int, steps: int = 64, peaks=None, se
 
 
 def engine_serving(llm, prompts, output_lens) -> dict:
-    """Output tok/s of a whole workload, all requests arriving at once, EOS ignored."""
+    """Output tok/s of a whole workload, all requests arriving at once, EOS ignored. The warm-up
+    runs on other prompts, so the timed ones find nothing in the prefix cache."""
     params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in output_lens]
-    llm.generate(prompts[:4], params[:4])                                 # warm up
-    sync(llm.device)
+    warm = [random_prompts(1, len(p), llm.config.vocab_size, seed=10_007 + i)[0] for i, p in enumerate(prompts[:4])]
+    llm.generate(warm, params[:4])
+    perf.synchronize(llm.device)
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
     secs = time.perf_counter() - t
@@ -144,10 +120,8 @@ def formula_rates(config: GPTConfig, workload: str, batch: int, prompt_len: int,
     if not peaks:
         return {"mfu": None, "mbu": None}
     if workload == "prefill":
-        flops = step_flops(config, [prompt_len] * batch, [prompt_len] * batch, batch)
-        nbytes = step_bytes(config, [prompt_len] * batch, batch, bytes_per_element)
+        flops, nbytes = step_cost(config, [prompt_len] * batch, [prompt_len] * batch, batch, bytes_per_element)
     else:
         mid = context + steps // 2
-        flops = steps * step_flops(config, [1] * batch, [mid] * batch, batch)
-        nbytes = steps * step_bytes(config, [mid] * batch, batch, bytes_per_element)
+        flops, nbytes = (steps * x for x in step_cost(config, [1] * batch, [mid] * batch, batch, bytes_per_element))
     return _rates(config, flops, nbytes, seconds, peaks)

@@ -1,9 +1,8 @@
 """The block manager: which KV blocks of the paged pool belong to which sequence.
 
-The KV cache is cut into fixed-size blocks of ``block_size`` token slots (notebooks/11 draws
-them). A sequence's ``block_table`` lists its blocks in order, so token ``t`` of a sequence lives
-in slot ``block_table[t // block_size] * block_size + t % block_size``. Blocks are handed out
-from a free list and given back when a request finishes or is preempted; nothing is ever
+The KV cache is cut into fixed-size blocks of ``block_size`` token slots. A sequence's
+``block_table`` lists its blocks in order, so token ``t`` lives in slot
+``block_table[t // block_size] * block_size + t % block_size``. Blocks are handed out from a free list and given back when a request finishes or is preempted; nothing is ever
 copied or compacted.
 
 Prefix caching: once a block is *full*, it is named by a hash of its tokens and of the hash
@@ -93,9 +92,6 @@ class BlockManager:
                 self.cached.setdefault(h, block.block_id)
 
     # ------------------------------------------------------------------ allocate / free
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self.free)
-
     def allocate(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
         """Give ``seq`` the blocks for ``num_new_tokens`` more tokens; False (and no change)
         when the pool has too few free blocks.
@@ -140,7 +136,3 @@ class BlockManager:
                     self.free.move_to_end(block_id, last=False)
         seq.block_table = []
         seq.block_hashes = []
-
-    def slot(self, seq: Sequence, position: int) -> int:
-        """Flat slot index of token ``position`` of ``seq`` in the paged pool."""
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

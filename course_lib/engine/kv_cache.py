@@ -5,30 +5,60 @@ is the null block, see block_manager.py). Viewed flat as ``(slots, H, Dh)``, slo
 ``block_id * block_size + offset`` holds one token's key (or value) for every head. Unlike the
 reference model's :class:`~course_lib.model.KVCache`, whose ``(B, H, T, Dh)`` tensors grow by
 concatenation per request, the pool is allocated once and never moves; requests own blocks of
-it through their block tables. Introduced in notebooks/11_inside_an_engine.ipynb.
+it through their block tables. :func:`plan_num_blocks` decides how many blocks fit.
 """
 
 from __future__ import annotations
 
+import gc
+import math
+
 import torch
 
 from ..config import GPTConfig
+from ..errors import ConfigError
+from ..model import kv_cache_bytes
+from .config import EngineConfig
+
+CPU_DEFAULT_KV_BYTES = 256 * 2**20     # default pool cap on CPU
 
 
 def kv_bytes_per_block(config: GPTConfig, block_size: int, dtype: torch.dtype) -> int:
-    """K and V, every layer, every head: 2 * n_layer * block_size * H * Dh * element size."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.n_layer * block_size * config.n_head * config.head_dim * elem
+    """K and V of ``block_size`` tokens, every layer and head (the reference cache's formula)."""
+    return kv_cache_bytes(config, 1, block_size, torch.empty((), dtype=dtype).element_size())
 
 
-def kv_pool_bytes(config: GPTConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of a pool with ``num_blocks`` usable blocks (plus the null block)."""
-    return (num_blocks + 1) * kv_bytes_per_block(config, block_size, dtype)
+def plan_num_blocks(model: GPTConfig, cfg: EngineConfig) -> int:
+    """Usable blocks of the pool for a resolved config: ``num_kv_blocks`` if given; on CPU enough
+    for ``max_num_seqs`` full-context requests, capped at 256 MiB; on CUDA what
+    ``gpu_memory_fraction`` (default 0.9) of the GPU leaves after the weights and one step's
+    activations."""
+    per_block = kv_bytes_per_block(model, cfg.block_size, cfg.dtype)
+    if cfg.num_kv_blocks is not None:
+        return cfg.num_kv_blocks
+    if cfg.device.type != "cuda":
+        full = cfg.max_num_seqs * math.ceil(model.n_positions / cfg.block_size)
+        return max(1, min(full, CPU_DEFAULT_KV_BYTES // per_block))
+    fraction = 0.9 if cfg.gpu_memory_fraction is None else cfg.gpu_memory_fraction
+    gc.collect()                       # engines dropped but still in reference cycles give memory back
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(cfg.device)
+    elem = torch.empty((), dtype=cfg.dtype).element_size()
+    # room for one step's activations: the widest tensors are the MLP hidden and the logits
+    activations = (cfg.max_num_batched_tokens * (model.mlp_dim + 6 * model.n_embd) * elem * 4
+                   + cfg.max_num_seqs * model.vocab_size * 4 * 4 + 512 * 2**20)
+    blocks = int((fraction * total - (total - free) - activations) // per_block)
+    if blocks < 1:
+        raise ConfigError(f"gpu_memory_fraction={fraction} leaves no memory for the KV cache "
+                          f"({free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB after the weights); "
+                          "raise it, or lower max_num_batched_tokens")
+    return blocks
 
 
 class PagedKVCache:
     def __init__(self, config: GPTConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 triton_write: bool = False):
         self.config = config
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -37,22 +67,17 @@ class PagedKVCache:
         self.pool = torch.zeros(config.n_layer, 2, num_blocks + 1, block_size, H, Dh, dtype=dtype, device=device)
         self.k = [self.pool[layer, 0] for layer in range(config.n_layer)]   # each (blocks, bs, H, Dh)
         self.v = [self.pool[layer, 1] for layer in range(config.n_layer)]
-        self.use_triton = False   # the runner turns on the Triton write kernel on CUDA
+        self.triton_write = triton_write    # the Triton write kernel (GPU); index_copy_ otherwise
 
     def nbytes(self) -> int:
         return self.pool.numel() * self.pool.element_size()
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store the new tokens' keys and values ``(N, H, Dh)`` into their slots ``(N,)``."""
-        if self.use_triton:
+        if self.triton_write:
             from .triton_cache_write import write_kv
 
             return write_kv(k, v, slot_mapping, self.k[layer], self.v[layer])
         H, Dh = k.shape[1], k.shape[2]
         self.k[layer].view(-1, H, Dh).index_copy_(0, slot_mapping, k)
         self.v[layer].view(-1, H, Dh).index_copy_(0, slot_mapping, v)
-
-    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``(S, H, Dh)`` of the tokens in ``slots`` ``(S,)``, in that order."""
-        H, Dh = self.config.n_head, self.config.head_dim
-        return self.k[layer].view(-1, H, Dh)[slots], self.v[layer].view(-1, H, Dh)[slots]

@@ -25,54 +25,20 @@ from .. import checkpoint
 from ..errors import ConfigError, InputError
 from ..model import GPT
 from ..tokenizer import Tokenizer
+from .config import EngineConfig
 from .engine import LLMEngine
 from .metrics import RequestMetrics, request_metrics
 from .sequence import SamplingParams, Sequence
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-#: what the engine runs on each device type (weights, activations and KV cache in this dtype)
-SUPPORTED_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16),
-                    "cuda": (torch.float32, torch.bfloat16, torch.float16)}
-DEFAULT_DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
-
-
-def resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"device {device!r} is not a torch device ({e}); use 'cpu' or 'cuda'") from None
-    if device.type not in SUPPORTED_DTYPES:
-        raise ConfigError(f"device type {device.type!r} is not supported; use 'cpu' or 'cuda'")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use device='cpu'")
-    return device
-
-
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return DEFAULT_DTYPE[device.type]
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ConfigError(f"dtype {dtype!r} is unknown; use one of {sorted(DTYPES)}")
-        dtype = DTYPES[dtype]
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"dtype must be a torch.dtype or a name like 'bfloat16', got {dtype!r}")
-    if dtype not in SUPPORTED_DTYPES[device.type]:
-        raise ConfigError(f"dtype {dtype} cannot run on {device.type}: the engine supports "
-                          f"{[str(d) for d in SUPPORTED_DTYPES[device.type]]} there")
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("this GPU has no bfloat16 support; use dtype='float16' or 'float32'")
-    return dtype
-
 
 def load_model(model, device: torch.device, dtype: torch.dtype) -> tuple[GPT, Tokenizer | None]:
-    """``"tiny"``, a GPT, or a checkpoint directory → (GPT on device in dtype, tokenizer or None)."""
+    """``"tiny"``, a GPT, or a checkpoint directory → (GPT on device in dtype, tokenizer or None).
+
+    A GPT the caller passes is left as it was (device, dtype, train/eval mode): the engine runs a
+    module of its own that shares the caller's weight tensors when they already have the right
+    device and dtype, and converted copies otherwise."""
     if isinstance(model, GPT):
-        return model.to(device=device, dtype=dtype).eval(), None
+        return _inference_copy(model, device, dtype), None
     if isinstance(model, str) and model == "tiny":
         from ..tiny import load_tiny
 
@@ -88,6 +54,12 @@ def load_model(model, device: torch.device, dtype: torch.dtype) -> tuple[GPT, To
                 tokenizer = None
         return gpt, tokenizer
     raise ConfigError(f"model must be 'tiny', a checkpoint directory or a course_lib GPT, got {type(model).__name__}")
+
+
+def _inference_copy(model: GPT, device: torch.device, dtype: torch.dtype) -> GPT:
+    state = {k: v.detach().to(device=device, dtype=dtype) for k, v in model.state_dict().items()
+             if k != "lm_head.weight"}
+    return checkpoint.from_state(model.config, state)
 
 
 @dataclass
@@ -113,26 +85,25 @@ class StreamEvent:
 
 
 class LLM:
-    def __init__(self, model="tiny", device=None, dtype=None, block_size: int = 16,
-                 max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
-                 num_kv_blocks: int | None = None, gpu_memory_fraction: float | None = None,
-                 enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True,
-                 snapshot: bool = False, tokenizer: Tokenizer | None = None, attention: str | None = None,
-                 cuda_graphs: bool | str | None = None, peak_flops: float | None = None,
-                 peak_bandwidth: float | None = None):
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+    """``LLM(model, **options)``: ``options`` are the fields of :class:`EngineConfig` (device, dtype,
+    block_size, num_kv_blocks, ...), or pass ``config=EngineConfig(...)``."""
+
+    def __init__(self, model="tiny", tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,
+                 **options):
+        unknown = sorted(set(options) - set(EngineConfig.field_names()))
+        if unknown:
+            raise ConfigError(f"unknown engine option(s) {unknown}; the options are {EngineConfig.field_names()}")
+        if config is not None and options:
+            raise ConfigError("give config=EngineConfig(...) or keyword options, not both")
+        config = (config or EngineConfig(**options)).resolve_device_and_dtype()
+        self.device, self.dtype = config.device, config.dtype
         self.model, own_tokenizer = load_model(model, self.device, self.dtype)
         self.tokenizer = tokenizer or own_tokenizer
-        self.engine = LLMEngine(
-            self.model, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
-            max_num_seqs=max_num_seqs, num_kv_blocks=num_kv_blocks, gpu_memory_fraction=gpu_memory_fraction,
-            enable_chunked_prefill=enable_chunked_prefill, enable_prefix_caching=enable_prefix_caching,
-            snapshot=snapshot, attention=attention, cuda_graphs=cuda_graphs, peak_flops=peak_flops,
-            peak_bandwidth=peak_bandwidth)
+        self.engine = LLMEngine(self.model, config)
 
     @property
     def config(self):
+        """The model's :class:`~course_lib.config.GPTConfig` (the engine's settings: ``llm.engine.config``)."""
         return self.model.config
 
     @property
@@ -178,28 +149,33 @@ class LLM:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else None
 
     # ------------------------------------------------------------------ outputs
-    def stream(self, prompts, sampling_params=None) -> Iterator[StreamEvent]:
-        """Yield each new token of every request as soon as it is sampled."""
-        requests = self._requests(prompts, sampling_params)
+    def _run(self, requests) -> Iterator[tuple[list[Sequence], StreamEvent | None]]:
+        """Queue the requests and step until all are done, yielding each new token's event."""
         seqs = [self.engine.enqueue(ids, p) for ids, p in requests]     # checked by _requests
         index = {id(s): i for i, s in enumerate(seqs)}
         try:
             while any(not s.is_finished for s in seqs):
                 for seq, token in self.engine.step():
                     if id(seq) in index:
-                        yield StreamEvent(index[id(seq)], seq.request_id, token, self._text([token]),
-                                          seq.is_finished, seq.finish_reason)
+                        yield seqs, StreamEvent(index[id(seq)], seq.request_id, token, self._text([token]),
+                                                seq.is_finished, seq.finish_reason)
+            yield seqs, None
         finally:                                         # a stream left early: free its requests
             for s in seqs:
                 if not s.is_finished:
                     self.engine.abort(s)
-        self.last_sequences = seqs      # the engine-side state of the last call (metrics.throughput reads it)
+
+    def stream(self, prompts, sampling_params=None) -> Iterator[StreamEvent]:
+        """Yield each new token of every request as soon as it is sampled."""
+        for _, event in self._run(self._requests(prompts, sampling_params)):
+            if event is not None:
+                yield event
 
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
         """Run every prompt to the end; outputs in the order of ``prompts``."""
-        for _ in self.stream(prompts, sampling_params):
+        for seqs, _ in self._run(self._requests(prompts, sampling_params)):
             pass
-        return [self._output(i, s) for i, s in enumerate(self.last_sequences)]
+        return [self._output(i, s) for i, s in enumerate(seqs)]
 
     def _output(self, i: int, seq: Sequence) -> RequestOutput:
         return RequestOutput(i, seq.request_id, list(seq.prompt_token_ids), seq.output_token_ids,

@@ -12,7 +12,6 @@ by all of them. Each step:
 2. then, if nothing was preempted, waiting requests in arrival order (first come, first
    served) while budget, ``max_num_seqs`` and blocks last. A request's first full blocks may
    be found in the prefix cache and are then not computed again.
-
 Introduced in notebooks/11_inside_an_engine.ipynb.
 """
 
@@ -74,6 +73,16 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a request wherever it is; its blocks go back to the pool."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+            self.block_manager.free_sequence(seq)
+        if not seq.is_finished:
+            seq.finish("abort", time.perf_counter())
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free_sequence(seq)

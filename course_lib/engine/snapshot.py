@@ -33,17 +33,17 @@ class StepSnapshot:
     seconds: float                   # wall time of the step
 
 
-def take_snapshot(step: int, sched, batch, block_manager, finished, sampled, seconds: float,
+def take_snapshot(step: int, sched, flat, block_manager, finished, sampled, seconds: float,
                   running) -> StepSnapshot:
+    """What step ``step`` did: the scheduler's output ``sched``, the flat batch ``flat`` (batch.py)."""
     scheduled = [{"request_id": s.seq.request_id, "num_tokens": s.num_new_tokens, "start": s.start,
-                  "kind": "decode" if s.is_decode else "prefill"} for s in batch.seqs]
-    n, b = batch.num_tokens, batch.num_seqs
+                  "kind": "decode" if s.is_decode else "prefill"} for s in flat.seqs]
     return StepSnapshot(
         step=step, scheduled=scheduled, prefix_hits=dict(sched.prefix_hits),
         preempted=[q.request_id for q in sched.preempted],
         block_tables={q.request_id: list(q.block_table) for q in running if q.block_table},
-        input_ids=batch.input_ids[:n].tolist(), positions=batch.positions[:n].tolist(),
-        slot_mapping=batch.slot_mapping[:n].tolist(), query_start=list(batch.query_start),
-        context_lens=batch.context_lens[:b].tolist(), logits_indices=batch.logits_indices.tolist(),
+        input_ids=flat.input_ids.tolist(), positions=flat.positions.tolist(),
+        slot_mapping=flat.slot_mapping.tolist(), query_start=flat.query_start.tolist(),
+        context_lens=flat.context_lens.tolist(), logits_indices=flat.logits_indices.tolist(),
         sampled={seq.request_id: tok for seq, tok in sampled}, num_free_blocks=block_manager.num_free_blocks,
         num_blocks=block_manager.num_blocks, finished=[q.request_id for q in finished], seconds=seconds)

@@ -8,21 +8,19 @@ How. A graph replays *fixed* kernels on *fixed* addresses with *fixed* shapes, s
 
 * the step's token count is rounded up to a **bucket** (1, 2, 4, ..., 512, then multiples of 512);
   one graph per bucket, captured for ``bucket`` token rows and ``min(bucket, max_num_seqs)``
-  sequences and logit rows;
-* every input lives in a **static buffer** per bucket (one int64 tensor cut into views: ids,
-  positions, slots, logit rows, context lengths, query starts, the tile table, block tables); a step
-  fills a host image of it and copies it over in one transfer, then replays;
+  requests and logit rows;
+* every array of the flat batch (batch.py) and of the attention kernel's tile table lives in a
+  **static buffer** per bucket (one int64 tensor cut into named views); a step fills a host image
+  of it and copies it over in one transfer, then replays;
 * the attention kernel (triton_unified.py) has a static grid and reads which tile is whose from
-  the buffer, so any mix of sequences fits the same graph;
+  the buffer, so any mix of requests fits the same graph;
 * **padding**: token rows past the live ones have id 0, position 0 and write their K/V to slot 0,
-  inside the null block (block_manager.NULL_BLOCK) that no sequence reads; they belong to no
+  inside the null block (block_manager.NULL_BLOCK) that no request reads; they belong to no
   attention tile; logit rows past the live ones point at row 0 and are dropped.
 
-All graphs are captured eagerly at start-up, largest bucket first, into one shared memory pool:
-each smaller graph reuses the largest one's activation memory, all of them write their logits
-into one shared ``(S, V)`` buffer, and no request ever waits for a capture in the middle of
-serving (a capture costs one warm-up forward plus the capture itself).
-Introduced in notebooks/12_flash_attention.ipynb.
+All graphs are captured at start-up, largest bucket first, into one shared memory pool: each
+smaller graph reuses the largest one's activation memory, all of them write their logits into
+one shared ``(S, V)`` buffer, and no request ever waits for a capture in the middle of serving.
 """
 
 from __future__ import annotations
@@ -30,7 +28,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .attention_tiles import build_tiles, max_tiles, tile_rows_for
+from .attention_tiles import max_tiles, tile_rows_for
+from .batch import COMMON_ARRAYS, FlatBatch
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -44,71 +43,59 @@ def token_buckets(max_tokens: int) -> list[int]:
     return sizes
 
 
-class StepInputs:
-    """The static buffers of one bucket: ``flat`` (one int64 tensor) and named views into it."""
+class StepBuffers:
+    """The static buffers of one bucket: ``device`` (one int64 tensor), named views into it, and
+    ``host``, its image on the host, refilled every step."""
 
     def __init__(self, num_tokens: int, max_num_seqs: int, max_blocks: int, device):
-        self.num_tokens = N = num_tokens
-        self.num_seqs = S = min(num_tokens, max_num_seqs)
-        self.max_blocks = M = max_blocks
+        N, S, M = num_tokens, min(num_tokens, max_num_seqs), max_blocks
+        self.num_tokens, self.num_seqs, self.max_blocks = N, S, M
         self.block_m = tile_rows_for(N)
-        self.max_tiles = T = max_tiles(N, S, self.block_m)
-        self.sizes = {"input_ids": N, "positions": N, "slot_mapping": N, "logits_indices": S,
-                      "context_lens": S, "query_start": S + 1, "tile_seq": T, "tile_row": T, "num_tiles": 1,
-                      "block_tables": S * M}
-        self.offsets, at = {}, 0
-        for name, n in self.sizes.items():
-            self.offsets[name] = at
-            at += n
-        self.flat = torch.zeros(at, dtype=torch.long, device=device)
-        self.host = np.zeros(at, dtype=np.int64)             # its image on the host, refilled every step
-        self.views = dict(zip(self.sizes, self.flat.split(list(self.sizes.values()))))
-        self.views["block_tables"] = self.views["block_tables"].view(S, M)
+        self.grid = max_tiles(N, S, self.block_m)
+        self.shapes = {"input_ids": (N,), "positions": (N,), "slot_mapping": (N,), "logits_indices": (S,),
+                       "context_lens": (S,), "query_start": (S + 1,), "block_tables": (S, M),
+                       "tile_seq": (self.grid,), "tile_row": (self.grid,), "num_tiles": (1,)}
+        sizes = [int(np.prod(s)) for s in self.shapes.values()]
+        self.device = torch.zeros(sum(sizes), dtype=torch.long, device=device)
+        self.host = np.zeros(sum(sizes), dtype=np.int64)
+        self.offsets = dict(zip(self.shapes, np.cumsum([0] + sizes[:-1]).tolist()))
+        self.views = {name: part.view(shape) for (name, shape), part
+                      in zip(self.shapes.items(), self.device.split(sizes))}
 
-    def host_image(self, ids, positions, slots, logit_rows, context_lens, query_start, tile_seq, tile_row,
-                   tables: np.ndarray) -> torch.Tensor:
-        """The buffer's contents for one step, on the host; unused entries 0 (padding → null block).
+    def fits(self, flat: FlatBatch) -> bool:
+        return flat.num_tokens <= self.num_tokens and flat.num_seqs <= self.num_seqs
 
-        A numpy array (single-threaded: a few small copies, no thread pool to wake) that is reused:
-        copying from pageable memory returns once the data is staged, so refilling it for the next
-        step cannot race the previous transfer."""
-        host = self.host
-        host.fill(0)
-        for name, value in (("input_ids", ids), ("positions", positions), ("slot_mapping", slots),
-                            ("logits_indices", logit_rows), ("context_lens", context_lens),
-                            ("query_start", query_start), ("tile_seq", tile_seq), ("tile_row", tile_row)):
-            n = len(value)
-            if n:
-                at = self.offsets[name]
-                host[at:at + n] = value
-        host[self.offsets["num_tiles"]] = len(tile_seq)
-        B, width = tables.shape
-        at = self.offsets["block_tables"]
-        host[at:at + self.num_seqs * self.max_blocks].reshape(self.num_seqs, self.max_blocks)[:B, :width] = tables
-        return torch.from_numpy(host)
+    def load(self, arrays: dict[str, np.ndarray]) -> None:
+        """Copy one step's arrays in (zeros past the live entries: padding → the null block).
+
+        The host image is a reused numpy array: a copy from pageable memory returns once the data
+        is staged, so refilling it for the next step cannot race this transfer."""
+        self.host.fill(0)
+        for name, a in arrays.items():
+            at, shape = self.offsets[name], self.shapes[name]
+            if len(shape) == 2:        # a (B, width) block table into the (S, M) buffer
+                self.host[at:at + shape[0] * shape[1]].reshape(shape)[:a.shape[0], :a.shape[1]] = a
+            else:
+                self.host[at:at + a.size] = a
+        self.device.copy_(torch.from_numpy(self.host), non_blocking=True)
 
 
 class StepGraphs:
     """One captured forward per token bucket, replayed for any step that fits."""
 
-    def __init__(self, runner, max_tokens: int, max_num_seqs: int):
+    def __init__(self, runner, max_tokens: int, max_num_seqs: int, max_blocks: int):
         self.runner = runner
-        self.max_num_seqs = max_num_seqs
-        self.buckets = token_buckets(max_tokens)
-        self.inputs: dict[int, StepInputs] = {}
+        self.buffers = {N: StepBuffers(N, max_num_seqs, max_blocks, runner.device)
+                        for N in token_buckets(max_tokens)}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def static_batch(self, inp: StepInputs):
-        """The StepBatch the graph of this bucket is captured with: views of its buffer, full size."""
-        from .runner import StepBatch, TileTable
+    def static_batch(self, buf: StepBuffers):
+        """The DeviceBatch a bucket's graph is captured with: views of its buffers, full size."""
+        from .runner import DeviceBatch
 
-        v = inp.views
-        tiles = TileTable(seq=v["tile_seq"], row=v["tile_row"], count=v["num_tiles"], grid=inp.max_tiles,
-                          block_m=inp.block_m, query_start=v["query_start"])
-        return StepBatch(input_ids=v["input_ids"], positions=v["positions"], slot_mapping=v["slot_mapping"],
-                         query_start=[0], key_start=[0], context_lens=v["context_lens"], context_lens_host=[],
-                         block_tables=v["block_tables"], logits_indices=v["logits_indices"], num_decodes=0,
-                         tiles=tiles, padded=True)
+        v = buf.views
+        meta = self.runner.attention.metadata(None, v, grid=buf.grid, block_m=buf.block_m, padded=True)
+        return DeviceBatch(v["input_ids"], v["positions"], v["slot_mapping"], v["logits_indices"], meta)
 
     def capture(self) -> None:
         """Capture every bucket, largest first, into one memory pool (the buffers start all-zero:
@@ -116,13 +103,12 @@ class StepGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         weight = self.runner.model.lm_head.weight
-        rows = min(max(self.buckets), self.max_num_seqs)
+        rows = max(buf.num_seqs for buf in self.buffers.values())
         logits = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)   # (S_max, V)
-        for N in sorted(self.buckets, reverse=True):
-            inp = StepInputs(N, self.max_num_seqs, self.runner.max_blocks_per_seq, self.runner.device)
-            self.inputs[N] = inp
-            batch = self.static_batch(inp)
-            out = logits[:inp.num_seqs]                      # every graph writes the same logits buffer
+        for N in sorted(self.buffers, reverse=True):
+            buf = self.buffers[N]
+            batch = self.static_batch(buf)
+            out = logits[:buf.num_seqs]                      # every graph writes the same logits buffer
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):                  # warm up: compile kernels, pick algorithms
                 self.runner.forward(batch, logits_out=out)
@@ -133,27 +119,15 @@ class StepGraphs:
             self.graphs[N] = (graph, out)
         torch.cuda.synchronize()
 
-    def bucket_for(self, num_tokens: int, num_seqs: int) -> int | None:
-        for N in self.buckets:
-            if N >= num_tokens:
-                return N if num_seqs <= self.inputs[N].num_seqs else None
+    def run(self, flat: FlatBatch) -> torch.Tensor | None:
+        """Replay the smallest bucket that holds the step; ``None`` when none does (then the runner
+        runs it eagerly). The logits ``(R, V)`` are overwritten by the next replay."""
+        for N, buf in self.buffers.items():
+            if buf.fits(flat):
+                arrays = {**{n: flat.arrays()[n] for n in COMMON_ARRAYS},
+                          **self.runner.attention.extra_arrays(flat, block_m=buf.block_m)}
+                buf.load(arrays)
+                graph, logits = self.graphs[N]
+                graph.replay()
+                return logits[:len(flat.logits_indices)]
         return None
-
-    def load(self, N: int, ids, positions, slots, logit_rows, context_lens, query_start,
-             tables: np.ndarray):
-        """Fill bucket ``N``'s buffer for one step (one host→device copy); returns the live-sized
-        StepBatch fields that view it: ``(input_ids, positions, slot_mapping, context_lens,
-        logits_indices, block_tables)``."""
-        inp = self.inputs[N]
-        tile_seq, tile_row = build_tiles(query_start, context_lens, inp.block_m)
-        host = inp.host_image(ids, positions, slots, logit_rows, context_lens, query_start, tile_seq, tile_row,
-                              tables)
-        inp.flat.copy_(host, non_blocking=True)
-        v, n, B = inp.views, len(ids), len(context_lens)
-        return (v["input_ids"][:n], v["positions"][:n], v["slot_mapping"][:n], v["context_lens"][:B],
-                v["logits_indices"][:len(logit_rows)], v["block_tables"][:B, :tables.shape[1]])
-
-    def replay(self, N: int, num_logit_rows: int) -> torch.Tensor:
-        graph, logits = self.graphs[N]
-        graph.replay()
-        return logits[:num_logit_rows]                       # (R, V), overwritten by the next replay

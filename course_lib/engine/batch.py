@@ -1,0 +1,83 @@
+"""One step's flat batch: every new token of every scheduled request, end to end, no padding.
+
+The scheduler says which requests get how many tokens; :func:`build_flat_batch` lays them out
+for the model, on the host, with numpy (a Python list of thousands of ids takes milliseconds to
+become a tensor; numpy arrays convert for free):
+
+* ``input_ids``, ``positions``: each new token and its position in its request;
+* ``slot_mapping``: the KV slot each new token writes, ``block_table[pos // bs] * bs + pos % bs``;
+* ``query_start``: where each request's rows begin (cumulative query lengths, ``cu_seqlens_q``);
+* ``context_lens``: keys each request attends to, cached prefix + new tokens;
+* ``block_tables``: each request's blocks, padded with the null block;
+* ``logits_indices``: the rows whose logits are sampled (a request's last known token).
+
+A decode is just a request with one new token, a prefill one with many: the same batch, the same
+forward, different shapes. Requests with a single new row come first, so attention can treat
+them as one batch. The same numbers mean the same thing on every path: the CPU path wraps them
+as tensors, the CUDA path copies them into a step graph's static buffers (step_graphs.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .block_manager import NULL_BLOCK
+from .scheduler import ScheduledSeq
+
+#: the per-token, per-request and per-logit-row arrays every path reads, in transfer order
+COMMON_ARRAYS = ("input_ids", "positions", "slot_mapping", "logits_indices", "context_lens", "query_start")
+
+
+@dataclass
+class FlatBatch:
+    """N new tokens, B requests, R logit rows, M blocks in the widest block table (host arrays)."""
+
+    seqs: list[ScheduledSeq]        # (B,) in batch order: single-row requests first
+    input_ids: np.ndarray           # (N,) int64
+    positions: np.ndarray           # (N,)
+    slot_mapping: np.ndarray        # (N,)
+    query_start: np.ndarray         # (B + 1,)
+    context_lens: np.ndarray        # (B,)
+    block_tables: np.ndarray        # (B, M)
+    logits_indices: np.ndarray      # (R,)
+    num_single_rows: int            # requests 0..num_single_rows-1 have one new token each
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def query_lens(self) -> np.ndarray:
+        return np.diff(self.query_start)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in COMMON_ARRAYS}
+
+
+def build_flat_batch(scheduled: list[ScheduledSeq], block_size: int) -> FlatBatch:
+    seqs = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)          # single rows first (stable)
+    qlens = np.array([s.num_new_tokens for s in seqs], dtype=np.int64)     # (B,)
+    starts = np.array([s.start for s in seqs], dtype=np.int64)            # (B,) cached before the step
+    ids = np.concatenate([np.asarray(s.seq.token_ids[s.start:s.start + s.num_new_tokens], dtype=np.int64)
+                          for s in seqs])                                   # (N,)
+    query_start = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum(qlens, out=query_start[1:])                                   # (B + 1,)
+    seq_of_row = np.repeat(np.arange(len(seqs)), qlens)                     # (N,)
+    positions = starts[seq_of_row] + np.arange(len(ids)) - query_start[seq_of_row]   # (N,)
+    width = max(len(s.seq.block_table) for s in seqs)
+    tables = np.full((len(seqs), width), NULL_BLOCK, dtype=np.int64)        # (B, M)
+    for i, s in enumerate(seqs):
+        tables[i, :len(s.seq.block_table)] = s.seq.block_table
+    slots = tables[seq_of_row, positions // block_size] * block_size + positions % block_size   # (N,)
+    logit_rows = np.array([query_start[i + 1] - 1 for i, s in enumerate(seqs) if s.needs_logits],
+                          dtype=np.int64)                                   # (R,)
+    num_single = int(np.argmax(qlens != 1)) if (qlens != 1).any() else len(seqs)
+    return FlatBatch(seqs=seqs, input_ids=ids, positions=positions, slot_mapping=slots, query_start=query_start,
+                     context_lens=starts + qlens, block_tables=tables, logits_indices=logit_rows,
+                     num_single_rows=num_single)

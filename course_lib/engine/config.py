@@ -1,0 +1,172 @@
+"""One configuration for the whole engine: :class:`EngineConfig`.
+
+``LLM``, :class:`~course_lib.engine.engine.LLMEngine` and the command line all take the same
+fields. ``EngineConfig(...)`` checks each value's type and range when it is made;
+:meth:`EngineConfig.resolve` then fills in what depends on the machine and the model (device,
+dtype, batch limits, attention path) and checks that the choices fit together, so every later
+layer reads plain, valid values. The KV pool's size is worked out with the pool
+(:func:`course_lib.engine.kv_cache.plan_num_blocks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..config import GPTConfig
+from ..errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+DEFAULT_DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
+#: the two attention paths (attention.py): batched torch/SDPA, and the unified Triton kernel
+ATTENTION = ("torch", "triton")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _positive_int(name: str, value, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _flag(name: str, value, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+
+
+def _positive_number(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every setting of the engine. ``None`` means "pick for this machine" (see :meth:`resolve`).
+
+    * ``device``: ``"cpu"`` or ``"cuda"``; ``dtype``: float32 / bfloat16 / float16 (a name or a torch dtype).
+    * ``block_size``: token slots per KV block; ``num_kv_blocks`` or ``gpu_memory_fraction``: the pool's size.
+    * ``max_num_batched_tokens``: the token budget of one step; ``max_num_seqs``: requests per step.
+    * ``enable_chunked_prefill``: long prompts may be split over steps; ``enable_prefix_caching``:
+      full blocks of earlier prompts are reused.
+    * ``attention``: ``"torch"`` (batched SDPA, the CPU default) or ``"triton"`` (the unified kernel,
+      the CUDA default); ``cuda_graphs``: replay each step as a captured CUDA graph (CUDA + triton).
+    * ``snapshot``: record every step for the glass box (snapshot.py).
+    * ``peak_flops``, ``peak_bandwidth``: measured ceilings (FLOP/s, bytes/s) for the ledger's MFU/MBU.
+    """
+
+    device: str | torch.device | None = None
+    dtype: str | torch.dtype | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_fraction: float | None = None
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    attention: str | None = None
+    cuda_graphs: bool | None = None
+    snapshot: bool = False
+    peak_flops: float | None = None
+    peak_bandwidth: float | None = None
+
+    def __post_init__(self):
+        _positive_int("block_size", self.block_size, optional=False)
+        _positive_int("num_kv_blocks", self.num_kv_blocks)
+        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive_int("max_num_seqs", self.max_num_seqs)
+        for name in ("enable_chunked_prefill", "enable_prefix_caching", "snapshot"):
+            _flag(name, getattr(self, name))
+        _flag("cuda_graphs", self.cuda_graphs, optional=True)
+        _positive_number("peak_flops", self.peak_flops)
+        _positive_number("peak_bandwidth", self.peak_bandwidth)
+        f = self.gpu_memory_fraction
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1):
+            raise ConfigError(f"gpu_memory_fraction must be in (0, 1], got {f!r}")
+        if self.num_kv_blocks is not None and f is not None:
+            raise ConfigError("give num_kv_blocks or gpu_memory_fraction, not both")
+        if self.attention is not None and self.attention not in ATTENTION:
+            raise ConfigError(f"unknown attention {self.attention!r}; choose 'torch' (batched SDPA, any device) "
+                              "or 'triton' (the unified kernel, CUDA)")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    # ------------------------------------------------------------------ machine-dependent choices
+    def resolve_device_and_dtype(self) -> "EngineConfig":
+        """A copy with ``device`` and ``dtype`` as checked torch objects (what the model is loaded with)."""
+        device = resolve_device(self.device)
+        return dataclasses.replace(self, device=device, dtype=resolve_dtype(self.dtype, device))
+
+    def resolve(self, model: GPTConfig) -> "EngineConfig":
+        """A copy with device, dtype, batch limits, attention and CUDA graphs decided and checked
+        together (``num_kv_blocks`` is decided by the pool, kv_cache.plan_num_blocks)."""
+        device = resolve_device(self.device)
+        dtype = resolve_dtype(self.dtype, device)
+        cuda = device.type == "cuda"
+        attention = self.attention or ("triton" if cuda and triton_available() else "torch")
+        if attention == "triton":
+            if not triton_available():
+                raise ConfigError("attention='triton' needs the triton package (pip install triton); "
+                                  "or use attention='torch'")
+            if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ConfigError("attention='triton' needs a CUDA GPU; on CPU use attention='torch' (the default), "
+                                  "or set TRITON_INTERPRET=1 before starting Python to run the kernel slowly "
+                                  "through Triton's interpreter")
+        cuda_graphs = (cuda and attention == "triton") if self.cuda_graphs is None else self.cuda_graphs
+        if cuda_graphs and not cuda:
+            raise ConfigError("cuda_graphs=True needs a CUDA device; on CPU leave it off")
+        if cuda_graphs and attention != "triton":
+            raise ConfigError("cuda_graphs=True captures whole steps, which only attention='triton' can do "
+                              "(the torch path reads host-side lengths); use attention='triton' or cuda_graphs=False")
+        if self.gpu_memory_fraction is not None and not cuda:
+            raise ConfigError("gpu_memory_fraction needs a CUDA device; on CPU pass num_kv_blocks")
+        max_num_seqs = self.max_num_seqs or (256 if cuda else 64)
+        budget = self.max_num_batched_tokens or max(8192 if cuda else 2048, model.n_positions)
+        return dataclasses.replace(self, device=device, dtype=dtype, attention=attention, cuda_graphs=cuda_graphs,
+                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r} is not a torch device ({e}); use 'cpu' or 'cuda'") from None
+    if device.type not in DEFAULT_DTYPE:
+        raise ConfigError(f"device type {device.type!r} is not supported; use 'cpu' or 'cuda'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use device='cpu'")
+    return device
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return DEFAULT_DTYPE[device.type]
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype {dtype!r} is unknown; use one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype not in set(DTYPES.values()):
+        raise ConfigError(f"dtype must be float32, bfloat16 or float16 (a torch.dtype or its name), got {dtype!r}")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU has no bfloat16 support; use dtype='float16' or 'float32'")
+    return dtype
