@@ -204,7 +204,7 @@ def run_model(shape, args, device, dtype, peaks, runs):
                   enable_prefix_caching=True, attention=args.engine_attention,
                   cuda_graphs={"auto": None, "on": True, "off": False}[args.engine_graphs])
         runner = llm.engine.runner
-        graphs = f"whole steps, {len(runner.step_graphs.buckets)} token buckets" if runner.step_graphs else "off"
+        graphs = f"whole steps, {len(runner.step_graphs.buffers)} token buckets" if runner.step_graphs else "off"
         log(f"  engine ready in {time.perf_counter() - t:.1f} s: {llm.engine.block_manager.num_blocks} KV blocks, "
             f"attention={runner.attention.name}, cuda graphs: {graphs}")
         if "prefill" in args.workloads:
