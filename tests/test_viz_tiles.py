@@ -46,7 +46,7 @@ def test_online_softmax_figure_moves_artists(run):
     assert d.bars[23].get_facecolor() == d.bars[0].get_facecolor() != d.bars[24].get_facecolor()
     assert np.allclose(d.out_line.get_ydata(), run.states[2].output)
     assert d.max_line.get_ydata()[0] == run.states[2].m
-    assert "tile 3 of 5" in d.ax_s.get_title()
+    assert d.title.get_text().startswith("tile 3 of 5: keys 0..23")
     plt.close(d.fig)
 
 

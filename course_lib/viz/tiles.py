@@ -68,6 +68,10 @@ class OnlineSoftmaxFigure:
         self.ax_o.legend(fontsize=7, loc="lower right")
         for ax in (self.ax_s, self.ax_m, self.ax_l, self.ax_o):
             ax.tick_params(labelsize=7)
+        self.ax_s.set_title("scores (blue: folded in; red: running max)", fontsize=9)
+        self.ax_m.set_title("running max m and sum l", fontsize=9)
+        self.ax_o.set_title("partial output acc / l vs final", fontsize=9)
+        self.title = self.fig.suptitle(" ", fontsize=10)
         self.fig.tight_layout()
         self.show_step(n - 1 if step is None else step)
 
@@ -82,10 +86,9 @@ class OnlineSoftmaxFigure:
         self.mark_l.set_data([step], [st.l])
         self.out_line.set_ydata(st.output)
         alpha = run.alphas[step]
-        self.ax_s.set_title(f"tile {step + 1} of {run.n_tiles}: keys 0..{end - 1} folded in; "
-                            f"red: running max m = {st.m:.2f}", fontsize=9)
-        self.ax_m.set_title(f"old sum and output rescaled by exp(m_old − m_new) = {alpha:.3f}", fontsize=9)
-        self.ax_o.set_title("partial output vs final", fontsize=9)
+        rescale = "nothing to rescale yet" if step == 0 else f"old l and acc × exp(m_old − m_new) = {alpha:.3f}"
+        self.title.set_text(f"tile {step + 1} of {run.n_tiles}: keys 0..{end - 1} folded in, "
+                            f"running max m = {st.m:.2f}, {rescale}")
         self.fig.canvas.draw_idle()
 
 
