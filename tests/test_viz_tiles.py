@@ -95,3 +95,18 @@ def test_small_charts():
     fig = plot_kernel_times(["a causal", "b full"], [1e-3, 2e-3], [True, False])
     assert len(fig.axes[0].patches) == 2
     plt.close(fig)
+
+
+def test_make_figures_draws_the_tile_figures(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("make_figures", root / "scripts" / "make_figures.py")
+    mf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mf)
+    names = ["online_softmax_running_max", "causal_tile_grid", "causal_skipped_fraction", "split_kv_decode"]
+    assert mf.main(["--out", str(tmp_path), "--only", *names]) == 0
+    for n in names:
+        data = (tmp_path / f"{n}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
