@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +35,8 @@ from course_lib.viz import attention as va  # noqa: E402
 from course_lib.viz.block import gpt_stack_figure, norm_placement_figure  # noqa: E402
 from course_lib.viz.embeddings import embedding_figure, position_similarity_figure  # noqa: E402
 from course_lib.viz.heads import best_head, head_scores_figure, layer_weights, measure_heads, newline_ids  # noqa: E402
+from course_lib.tiled import online_softmax_steps, split_kv_decode, tiled_causal_attention  # noqa: E402
+from course_lib.viz.tiles import OnlineSoftmaxFigure, draw_tile_grid, plot_skipped_fraction, plot_split_kv  # noqa: E402
 from course_lib.viz.training import record_figure  # noqa: E402
 from course_lib.widgets.attention import attention_figure, attention_steps, attention_views  # noqa: E402
 
@@ -140,6 +143,35 @@ def fig_training_curve():
     rec = training_record()
     return record_figure(rec, title=f"training the tiny GPT on the CPU: {rec['settings']['steps']} steps",
                          vocab_size=tiny()[0].config.vocab_size)
+
+
+def fig_online_softmax_running_max():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=16)
+    k, v = rng.normal(size=(48, 16)) * 1.5, rng.normal(size=(48, 16))
+    k[29] += 2 * q                                     # the running maximum jumps in tile 4
+    run = online_softmax_steps(q, k, v, 8)
+    return OnlineSoftmaxFigure(run, step=3).fig
+
+
+def fig_causal_tile_grid():
+    rng = np.random.default_rng(0)
+    q, k, v = rng.normal(size=(3, 128, 8))
+    return draw_tile_grid(tiled_causal_attention(q, k, v, 16)[1], 16, 16, 128)
+
+
+def fig_causal_skipped_fraction():
+    rng = np.random.default_rng(0)
+    lengths = [64, 128, 256, 512, 1024, 2048]
+    fractions = [tiled_causal_attention(*rng.normal(size=(3, t, 4)), 64)[1].fraction_skipped for t in lengths]
+    return plot_skipped_fraction(lengths, fractions, 64)
+
+
+def fig_split_kv_decode():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 32))
+    k = rng.normal(size=(8192, 2, 32)) * np.linspace(0.5, 1.5, 8192)[:, None, None]   # later keys score higher
+    return plot_split_kv(split_kv_decode(q, k, rng.normal(size=(8192, 2, 32)), 1024), head=0)
 
 
 FIGURE_FUNCTIONS = {name[4:]: fn for name, fn in sorted(globals().items()) if name.startswith("fig_")}
