@@ -46,7 +46,7 @@ def test_bad_prompts(llm, expected, prompt, message):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_tokens=0), "max_tokens must be a positive integer"),
     (dict(max_tokens=-3), "max_tokens must be a positive integer"),
-    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(top_k=-1), "top_k must be a non-negative integer"),

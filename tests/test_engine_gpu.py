@@ -2,7 +2,7 @@
 against transformers. Skipped without CUDA.
 
 bf16 changes rounding, so two correct engines may pick different tokens where the top two
-logits are nearly tied. The rule (COURSE_PLAN invariant 6): most prompts give identical tokens;
+logits are nearly tied. The rule: most prompts give identical tokens;
 where one does not, at the first difference each engine's token is in the other's top 5 with
 close log-probabilities (after a difference the continuations legitimately part).
 """

@@ -1,4 +1,4 @@
-"""Invariants 2-5 of COURSE_PLAN.md on the reference model, for random configs."""
+"""The reference model's invariants (prefill == full forward, cached decode == recompute, causality, per-token Q/K/V == one matmul), for random configs."""
 
 import torch
 

@@ -51,6 +51,7 @@ class BlockManager:
         self.cached: dict[int, int] = {}      # block hash -> block id
         self.num_queried_tokens = 0           # prompt tokens looked up in the prefix cache
         self.num_hit_tokens = 0               # of those, found there
+        self.named_this_step: list[int] = []  # blocks named since begin_step(): their K/V are not written yet
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -90,6 +91,7 @@ class BlockManager:
             if block.block_hash is None:
                 block.block_hash, block.token_ids = h, tokens
                 self.cached.setdefault(h, block.block_id)
+                self.named_this_step.append(block.block_id)
 
     # ------------------------------------------------------------------ allocate / free
     def allocate(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
@@ -124,6 +126,19 @@ class BlockManager:
         if self.enable_prefix_caching:
             self._cache_full_blocks(seq, num_tokens)
         return True
+
+    def begin_step(self) -> None:
+        self.named_this_step = []
+
+    def forget_step_names(self) -> None:
+        """A step failed before its K/V were all written: the blocks it named hold no valid K/V,
+        so no later prompt may find them."""
+        for block_id in self.named_this_step:
+            block = self.blocks[block_id]
+            if block.block_hash is not None and self.cached.get(block.block_hash) == block_id:
+                del self.cached[block.block_hash]
+            block.block_hash, block.token_ids = None, ()
+        self.named_this_step = []
 
     def free_sequence(self, seq: Sequence) -> None:
         """Give back the sequence's blocks. Named blocks stay findable until reused."""

@@ -8,7 +8,10 @@ decode are the same step at different shapes.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
 
 import torch
@@ -83,26 +86,65 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[tuple[Sequence, int]]:
-        """Run one engine step; returns ``(sequence, new token)`` for every token sampled."""
+        """Run one engine step; returns ``(sequence, new token)`` for every token sampled.
+
+        A step either happens whole or leaves no trace: scheduling and the final bookkeeping are
+        never cut in half by Ctrl-C (the interrupt is held until they are done), and any exception
+        in between — an interrupt or out-of-memory error in the forward pass, a failure while
+        sampling — sends the step's requests back to the front of the queue with no blocks, and
+        forgets the prefix-cache names of blocks whose K/V were never written. The next step
+        recomputes them, exactly."""
         t0 = time.perf_counter()
-        sched = self.scheduler.schedule()
-        if sched.is_empty:
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("the scheduler could not schedule any request; the KV pool or the "
-                                   "token budget is smaller than one request needs")
-            return []
-        flat = build_flat_batch(sched.scheduled, self.config.block_size)
-        logits = self.runner.execute(flat)                                  # (R, V)
-        logit_seqs = [s.seq for s in flat.seqs if s.needs_logits]
-        tokens = sample(logits, logit_seqs)
-        now = time.perf_counter()
-        for seq, token in zip(logit_seqs, tokens):
-            seq.append_token(token, now)
-        finished = self.scheduler.finish_step(sched)
-        self.ledger.add(flat, now - t0)
-        sampled = list(zip(logit_seqs, tokens))
-        if self.snapshots is not None:
-            self.snapshots.append(take_snapshot(self.num_steps, sched, flat, self.block_manager, finished,
-                                                sampled, now - t0, self.scheduler.running))
-        self.num_steps += 1
+        with deferred_interrupts():
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                if self.scheduler.has_unfinished():
+                    raise RuntimeError("the scheduler could not schedule any request; the KV pool or the "
+                                       "token budget is smaller than one request needs")
+                return []
+            flat = build_flat_batch(sched.scheduled, self.config.block_size)
+            logit_seqs = [s.seq for s in flat.seqs if s.needs_logits]
+            rng_states = [(seq, seq.generator.get_state()) for seq in logit_seqs if seq.generator is not None]
+        try:
+            logits = self.runner.execute(flat)                              # (R, V)
+            tokens, logprobs = sample(logits, logit_seqs)
+        except BaseException:
+            with deferred_interrupts():
+                self.block_manager.forget_step_names()
+                self.scheduler.requeue([s.seq for s in sched.scheduled])
+                for seq, state in rng_states:                               # a seeded request draws the same again
+                    seq.generator.set_state(state)
+            raise
+        with deferred_interrupts():
+            now = time.perf_counter()
+            for seq, token, lp in zip(logit_seqs, tokens, logprobs):
+                seq.append_token(token, now, lp)
+            finished = self.scheduler.finish_step(sched)
+            self.ledger.add(flat, now - t0)
+            sampled = list(zip(logit_seqs, tokens))
+            if self.snapshots is not None:
+                self.snapshots.append(take_snapshot(self.num_steps, sched, flat, self.block_manager, finished,
+                                                    sampled, now - t0, self.scheduler.running))
+            self.num_steps += 1
         return sampled
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it when the block is done, so
+    the bookkeeping inside is never left half-made. Only the main thread receives signals; in any
+    other thread this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        if callable(previous):
+            previous(signal.SIGINT, None)          # Python's handler (or Jupyter's) raises KeyboardInterrupt
+        else:
+            raise KeyboardInterrupt

@@ -3,7 +3,7 @@
 The counting lives in one place, :func:`course_lib.perf.batch_cost` (the course's FLOP and byte
 conventions, notebooks/10): per step, the weight products of every new token, causal attention
 over the keys each query sees, and the LM head on the rows that sample. The ledger turns them
-into rates against the machine's measured ceilings (COURSE_PLAN.md's performance method):
+into rates against the machine's measured ceilings:
 
 * MFU = FLOPs / seconds / peak FLOP/s;
 * MBU = (weight bytes + KV bytes read) / seconds / peak bandwidth.

@@ -84,6 +84,19 @@ class Scheduler:
         if not seq.is_finished:
             seq.finish("abort", time.perf_counter())
 
+    def requeue(self, seqs: list[Sequence]) -> None:
+        """Send ``seqs`` back to the front of the queue, in this order, with no blocks: what a failed
+        step leaves behind (like a preemption, but not counted as one)."""
+        for seq in reversed(seqs):
+            if seq in self.running:
+                self.running.remove(seq)
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            self.block_manager.free_sequence(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free_sequence(seq)
         seq.num_computed_tokens = 0
@@ -94,6 +107,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self.block_manager.begin_step()
         budget = self.max_num_batched_tokens
         bm = self.block_manager
 

@@ -53,8 +53,8 @@ class SamplingParams:
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise InputError(f"max_tokens must be a positive integer, got {m!r}")
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or t < 0:
-            raise InputError(f"temperature must be >= 0 (0 means greedy), got {t!r}")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise InputError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
             raise InputError(f"top_p must be in (0, 1] (1 means no nucleus filtering), got {p!r}")
@@ -64,12 +64,14 @@ class SamplingParams:
         lp = self.logprobs
         if isinstance(lp, bool) or not isinstance(lp, int) or lp < 0:
             raise InputError(f"logprobs must be a non-negative integer (0: none), got {lp!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise InputError(f"seed must be an integer or None, got {self.seed!r}")
-        try:
-            self.stop_token_ids = tuple(int(i) for i in self.stop_token_ids)
-        except (TypeError, ValueError):
-            raise InputError(f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}") from None
+        sd = self.seed
+        if sd is not None and (isinstance(sd, bool) or not isinstance(sd, int) or not 0 <= sd < 2**64):
+            raise InputError(f"seed must be an integer in 0..2**64-1 or None, got {sd!r}")
+        stop = self.stop_token_ids
+        if isinstance(stop, (str, bytes)) or not isinstance(stop, (list, tuple, set, frozenset)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in stop):
+            raise InputError(f"stop_token_ids must be a list of non-negative integer token ids, got {stop!r}")
+        self.stop_token_ids = tuple(stop)
 
     @property
     def greedy(self) -> bool:
@@ -146,10 +148,12 @@ class Sequence:
         return self.status == SequenceStatus.FINISHED
 
     # ------------------------------------------------------------------ updates
-    def append_token(self, token_id: int, now: float) -> None:
+    def append_token(self, token_id: int, now: float, logprobs: dict[int, float] | None = None) -> None:
         """Add a sampled token and decide whether the request is done."""
         self.token_ids.append(token_id)
         self.token_times.append(now)
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
         p = self.params
         if not p.ignore_eos and self.eos_token_id is not None and token_id == self.eos_token_id:
             self.finish("stop", now)
@@ -182,6 +186,10 @@ def check_request(prompt_token_ids, params: SamplingParams, model: GPTConfig, en
         arr = np.asarray(prompt_token_ids)
     except (ValueError, OverflowError):
         arr = None
+    if arr is not None and arr.dtype == object and arr.ndim == 1 and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in prompt_token_ids):   # beyond 64 bits
+        big = max(prompt_token_ids, key=abs)
+        raise InputError(f"token id {big} is out of range: this model's vocabulary has ids 0..{model.vocab_size - 1}")
     if arr is None or arr.ndim != 1 or arr.dtype.kind not in "iu":   # bools, floats, strings, nesting
         raise InputError("a prompt must be a string or a list of integer token ids")
     ids = arr.tolist()
@@ -196,6 +204,10 @@ def check_request(prompt_token_ids, params: SamplingParams, model: GPTConfig, en
         raise InputError(f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} exceeds the "
                          f"context of n_positions={model.n_positions}; ask for at most "
                          f"{model.n_positions - len(ids)} tokens")
+    beyond = [i for i in params.stop_token_ids if i >= model.vocab_size]
+    if beyond:
+        raise InputError(f"stop token id {beyond[0]} is out of range: this model's vocabulary has ids "
+                         f"0..{model.vocab_size - 1}")
     need_tokens = len(ids) + params.max_tokens - 1          # the last sampled token is never fed back
     bs = engine_config.block_size
     need = -(-need_tokens // bs)
