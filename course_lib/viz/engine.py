@@ -209,16 +209,12 @@ class PoolView:
 
 
 def _cached_tokens_after(snapshots, index: int) -> dict[str, int]:
-    """Tokens with K/V per request after snapshot ``index``: start + new tokens of its last step,
-    0 after a preemption, gone once finished."""
+    """Tokens with K/V per request after snapshot ``index``: start + new tokens of its last step, for
+    the requests that hold blocks after it (a preempted or finished request holds none)."""
     cached: dict[str, int] = {}
     for snap in snapshots[:index + 1]:
         for s in snap.scheduled:
             cached[s["request_id"]] = s["start"] + s["num_tokens"]
-        for rid in snap.preempted:
-            cached[rid] = 0
-        for rid in snap.finished:
-            cached.pop(rid, None)
     return {rid: n for rid, n in cached.items() if rid in snapshots[index].block_tables}
 
 
