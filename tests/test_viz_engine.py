@@ -128,3 +128,18 @@ def test_figures_draw():
 def test_bad_input(call, message):
     with pytest.raises(InputError, match=message):
         call()
+
+
+def test_make_figures_draws_the_engine_figures(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "make_figures.py"
+    spec = importlib.util.spec_from_file_location("make_figures", path)
+    mf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mf)
+    names = ["engine_paged_pool", "engine_static_vs_continuous"]
+    assert mf.main(["--out", str(tmp_path), "--only", *names]) == 0
+    for n in names:
+        data = (tmp_path / f"{n}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
