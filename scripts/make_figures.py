@@ -181,7 +181,7 @@ def fig_engine_static_vs_continuous():
     cont_snaps = list(llm.snapshots)
     static = static_batching(llm, prompts, params, group_size=4)
     names = [f"r{i}" for i in range(len(prompts))]
-    fig, axes = plt.subplots(2, 1, figsize=(10, 6.4))
+    fig, axes = plt.subplots(2, 1, figsize=(8.6, 6.4))
     ve.draw_timeline(ve.request_timeline(static.snapshots, {o.request_id: n for o, n in zip(static.outputs, names)}),
                      axes[0], title=f"static batching, groups of 4: {len(static.snapshots)} steps", annotate=False)
     ve.draw_timeline(ve.request_timeline(cont_snaps, {o.request_id: n for o, n in zip(cont, names)}), axes[1],

@@ -134,7 +134,7 @@ def draw_timeline(timeline: Timeline, ax=None, title: str = "", cursor: int | No
     Prefill cells show how many tokens were computed when ``annotate`` and the cells are wide enough.
     """
     if ax is None:
-        fig, ax = plt.subplots(figsize=(9, 0.35 * len(timeline.request_ids) + 1.4))
+        fig, ax = plt.subplots(figsize=(8.6, 0.35 * len(timeline.request_ids) + 1.4))
     cmap = ListedColormap([STATE_COLOURS[s] for s in STATES])
     data = np.ma.masked_less(timeline.states, 0)
     R, S = timeline.states.shape
@@ -302,7 +302,7 @@ class PoolFigure:
         rows = -(-n // blocks_per_row)
         R = len(self.timeline.request_ids)
         self.fig, (self.ax_pool, self.ax_time) = plt.subplots(
-            2, 1, figsize=(9.5, 1.0 + 0.55 * rows + 0.3 * R + 1.6),
+            2, 1, figsize=(8.6, 1.0 + 0.55 * rows + 0.3 * R + 1.6),
             gridspec_kw={"height_ratios": [0.55 * rows + 0.4, 0.3 * R + 0.6]})
         self.image = self.ax_pool.imshow(pool_rgb(first, self.colours, blocks_per_row), aspect="auto",
                                          interpolation="nearest", extent=(0, blocks_per_row * bs, rows, 0))
@@ -387,7 +387,7 @@ def draw_memory(series: dict, bytes_per_slot: int, ax=None, title: str = "", poo
     """KV memory over the run: contiguous reservation, blocks held, slots actually filled (KiB);
     ``pool_slots`` draws the pool's size as a dashed line."""
     if ax is None:
-        fig, ax = plt.subplots(figsize=(9, 3.4))
+        fig, ax = plt.subplots(figsize=(6.8, 3.4))
     k = bytes_per_slot / 1024
     x = series["steps"]
     if pool_slots is not None:

@@ -200,7 +200,7 @@ def draw_budget_view(runs: dict, budget: int, title: str = ""):
     """The trade-off over all budgets (marker at ``budget``) beside that budget's timeline."""
     if budget not in runs:
         raise InputError(f"budget {budget} was not measured; measured: {sorted(runs)}")
-    fig, (ax_t, ax_g) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1, 1.5]})
+    fig, (ax_t, ax_g) = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [1, 1.4]})
     draw_budget_tradeoff(runs, ax_t, highlight=budget)
     rec = runs[budget]["record"]
     draw_timeline(request_timeline(rec.snapshots, rec.labels, rec.arrivals), ax_g, annotate=True,
