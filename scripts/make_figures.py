@@ -33,6 +33,7 @@ from course_lib.model import Trace  # noqa: E402
 from course_lib.tiny import load_tiny, training_record  # noqa: E402
 from course_lib.viz import attention as va  # noqa: E402
 from course_lib.viz.block import gpt_stack_figure, norm_placement_figure  # noqa: E402
+from course_lib.viz import engine as ve  # noqa: E402
 from course_lib.viz.embeddings import embedding_figure, position_similarity_figure  # noqa: E402
 from course_lib.viz.heads import best_head, head_scores_figure, layer_weights, measure_heads, newline_ids  # noqa: E402
 from course_lib.tiled import online_softmax_steps, split_kv_decode, tiled_causal_attention  # noqa: E402
@@ -172,6 +173,55 @@ def fig_split_kv_decode():
     q = rng.normal(size=(2, 32))
     k = rng.normal(size=(8192, 2, 32)) * np.linspace(0.5, 1.5, 8192)[:, None, None]   # later keys score higher
     return plot_split_kv(split_kv_decode(q, k, rng.normal(size=(8192, 2, 32)), 1024), head=0)
+
+
+def _engine_workload_record():
+    """Notebook 11's paged-pool workload: a shared system prompt, late arrivals, a pool of 12 blocks."""
+    from course_lib.engine import LLM, SamplingParams
+    from course_lib.widgets.engine import Request, record_serving
+
+    model, tok = tiny()
+    greedy = lambda n: SamplingParams(max_tokens=n, ignore_eos=True)  # noqa: E731
+    system = tok.encode("You are a helpful assistant. Answer every question in one short line of Python "
+                        "documentation, with an example.")[:32]
+    llm = LLM(model, tokenizer=tok, device="cpu", block_size=16, num_kv_blocks=12, max_num_batched_tokens=64,
+              max_num_seqs=4, snapshot=True)
+    return record_serving(llm, [Request(0, system + tok.encode(" What does a list do?"), greedy(30), "A"),
+                                Request(0, tok.encode("import os"), greedy(20), "B"),
+                                Request(3, system + tok.encode(" How does a for loop end?"), greedy(30), "C"),
+                                Request(6, tok.encode("A dictionary maps keys to values. " * 3), greedy(24), "D"),
+                                Request(12, tok.encode("def f(x):"), greedy(10), "E")])
+
+
+def fig_engine_paged_pool():
+    rec = _engine_workload_record()
+    first_preemption = next(i for i, s in enumerate(rec.snapshots) if s.preempted)
+    return ve.draw_pool(rec.snapshots, first_preemption, rec.block_size, rec.labels, rec.arrivals,
+                        title="the engine's paged KV pool at its first preemption, above the scheduler's timeline")
+
+
+def fig_engine_static_vs_continuous():
+    from course_lib.engine import LLM, SamplingParams
+    from course_lib.widgets.engine import static_batching
+
+    model, tok = tiny()
+    prompts = [tok.encode(t) for t in ["def f(x):", "The list", "import os", "A tuple is", "return the", "class A:",
+                                       "while True:", "for i in"]]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in [60, 4, 6, 5, 8, 60, 4, 6]]
+    llm = LLM(model, device="cpu", num_kv_blocks=64, max_num_seqs=4, snapshot=True)
+    cont = llm.generate(prompts, params)
+    cont_snaps = list(llm.snapshots)
+    static = static_batching(llm, prompts, params, group_size=4)
+    names = [f"r{i}" for i in range(len(prompts))]
+    fig, axes = plt.subplots(2, 1, figsize=(8.6, 6.4))
+    ve.draw_timeline(ve.request_timeline(static.snapshots, {o.request_id: n for o, n in zip(static.outputs, names)}),
+                     axes[0], title=f"static batching, groups of 4: {len(static.snapshots)} steps", annotate=False)
+    ve.draw_timeline(ve.request_timeline(cont_snaps, {o.request_id: n for o, n in zip(cont, names)}), axes[1],
+                     title=f"continuous batching, up to 4 at a time: {len(cont_snaps)} steps", annotate=False)
+    for ax in axes:
+        ax.set_xlim(-0.5, len(static.snapshots) - 0.5)
+    fig.tight_layout()
+    return fig
 
 
 FIGURE_FUNCTIONS = {name[4:]: fn for name, fn in sorted(globals().items()) if name.startswith("fig_")}
