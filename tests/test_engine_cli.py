@@ -74,3 +74,19 @@ def test_cli_generate_checkpoint_with_token_ids(tmp_path):
     assert " ".join(map(str, want)) in r.stdout
     r = _run("-m", "course_lib.engine", "generate", "--model", str(tmp_path), "--prompt", "hello")
     assert r.returncode == 2 and "no tokenizer" in r.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--prompt-ids", "1,x"], "is not a comma-separated list of integers"),
+    (["generate", "--prompt", "a", "--seed", "x"], "argument --seed: invalid int value"),
+    (["bench", "--batches", "a"], "is not a comma-separated list of integers"),
+    (["bench", "--batches", "0,8"], "every value must be a positive integer"),
+    (["bench", "--workloads", "decod"], "unknown workload(s) ['decod']"),
+    (["generate", "--prompt", "a", "--block-size", "0"], "block_size must be a positive integer"),
+    (["generate", "--prompt", "a", "--attention", "flash"], "invalid choice: 'flash'"),
+])
+def test_every_bad_flag_is_one_line_and_exit_2(argv, message):
+    r = subprocess.run([sys.executable, "-m", "course_lib.engine", *argv, "--device", "cpu"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr and r.stderr.count("\n") == 1, r.stderr

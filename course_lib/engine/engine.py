@@ -95,25 +95,27 @@ class LLMEngine:
         forgets the prefix-cache names of blocks whose K/V were never written. The next step
         recomputes them, exactly."""
         t0 = time.perf_counter()
-        with deferred_interrupts():
-            sched = self.scheduler.schedule()
-            if sched.is_empty:
-                if self.scheduler.has_unfinished():
-                    raise RuntimeError("the scheduler could not schedule any request; the KV pool or the "
-                                       "token budget is smaller than one request needs")
-                return []
-            flat = build_flat_batch(sched.scheduled, self.config.block_size)
-            logit_seqs = [s.seq for s in flat.seqs if s.needs_logits]
-            rng_states = [(seq, seq.generator.get_state()) for seq in logit_seqs if seq.generator is not None]
+        sched, rng_states = None, []
         try:
+            with deferred_interrupts():       # a Ctrl-C here is raised once scheduling is whole, then undone below
+                sched = self.scheduler.schedule()
+                if sched.is_empty:
+                    if self.scheduler.has_unfinished():
+                        raise RuntimeError("the scheduler could not schedule any request; the KV pool or the "
+                                           "token budget is smaller than one request needs")
+                    return []
+                flat = build_flat_batch(sched.scheduled, self.config.block_size)
+                logit_seqs = [s.seq for s in flat.seqs if s.needs_logits]
+                rng_states = [(seq, seq.generator.get_state()) for seq in logit_seqs if seq.generator is not None]
             logits = self.runner.execute(flat)                              # (R, V)
             tokens, logprobs = sample(logits, logit_seqs)
         except BaseException:
-            with deferred_interrupts():
-                self.block_manager.forget_step_names()
-                self.scheduler.requeue([s.seq for s in sched.scheduled])
-                for seq, state in rng_states:                               # a seeded request draws the same again
-                    seq.generator.set_state(state)
+            if sched is not None:
+                with deferred_interrupts():
+                    self.block_manager.forget_step_names()
+                    self.scheduler.requeue([s.seq for s in sched.scheduled])
+                    for seq, state in rng_states:                           # a seeded request draws the same again
+                        seq.generator.set_state(state)
             raise
         with deferred_interrupts():
             now = time.perf_counter()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 
 import torch
 
@@ -35,6 +36,11 @@ def plan_num_blocks(model: GPTConfig, cfg: EngineConfig) -> int:
     activations."""
     per_block = kv_bytes_per_block(model, cfg.block_size, cfg.dtype)
     if cfg.num_kv_blocks is not None:
+        need, room = (cfg.num_kv_blocks + 1) * per_block, memory_available(cfg.device)
+        if need > room:
+            raise ConfigError(f"num_kv_blocks={cfg.num_kv_blocks} needs {need / 2**30:.1f} GiB for the KV pool "
+                              f"({per_block:,} bytes a block) but this {cfg.device.type} has "
+                              f"{room / 2**30:.1f} GiB available; ask for at most {max(1, room // per_block - 1)}")
         return cfg.num_kv_blocks
     if cfg.device.type != "cuda":
         full = cfg.max_num_seqs * math.ceil(model.n_positions / cfg.block_size)
@@ -53,6 +59,13 @@ def plan_num_blocks(model: GPTConfig, cfg: EngineConfig) -> int:
                           f"({free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB after the weights); "
                           "raise it, or lower max_num_batched_tokens")
     return blocks
+
+
+def memory_available(device: torch.device) -> int:
+    """Bytes a new allocation can take: free GPU memory, or this machine's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class PagedKVCache:

@@ -15,6 +15,7 @@ Introduced in notebooks/11_inside_an_engine.ipynb.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -22,7 +23,7 @@ from typing import Iterator
 import torch
 
 from .. import checkpoint
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, CourseError, InputError
 from ..model import GPT
 from ..tokenizer import Tokenizer
 from .config import EngineConfig
@@ -62,6 +63,16 @@ def _inference_copy(model: GPT, device: torch.device, dtype: torch.dtype) -> GPT
     return checkpoint.from_state(model.config, state)
 
 
+def check_weights(model: GPT, dtype: torch.dtype) -> None:
+    """Every weight finite in the dtype the engine runs: NaN or infinite weights (a diverged
+    training run, values beyond float16's range of 65504) would give garbage with no error."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ConfigError(f"weight {name} has NaN or infinite values in {str(dtype).replace('torch.', '')}"
+                              + (" (its values exceed float16's range: use dtype='bfloat16' or 'float32')"
+                                 if dtype == torch.float16 else "; the model is damaged"))
+
+
 @dataclass
 class RequestOutput:
     index: int                      # position in the prompts list
@@ -98,8 +109,14 @@ class LLM:
         config = (config or EngineConfig(**options)).resolve_device_and_dtype()
         self.device, self.dtype = config.device, config.dtype
         self.model, own_tokenizer = load_model(model, self.device, self.dtype)
+        check_weights(self.model, self.dtype)
         self.tokenizer = tokenizer or own_tokenizer
+        if self.tokenizer is not None and self.tokenizer.vocab_size != self.model.config.vocab_size:
+            raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocabulary has "
+                              f"{self.model.config.vocab_size}: they do not belong together; pass the model's own "
+                              "tokenizer, or prompts as token ids")
         self.engine = LLMEngine(self.model, config)
+        self._step_lock = threading.RLock()          # one step at a time, whoever drives it
 
     @property
     def config(self):
@@ -140,7 +157,7 @@ class LLM:
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
                 ids = self.engine.check_request(self._encode(prompt), p)   # all checked before any runs
-            except InputError as e:
+            except CourseError as e:                   # a bad id, length, parameter or character
                 raise type(e)(f"prompt {i}: {e}") from None
             requests.append((ids, p))
         return requests
@@ -150,20 +167,36 @@ class LLM:
 
     # ------------------------------------------------------------------ outputs
     def _run(self, requests) -> Iterator[tuple[list[Sequence], StreamEvent | None]]:
-        """Queue the requests and step until all are done, yielding each new token's event."""
-        seqs = [self.engine.enqueue(ids, p) for ids, p in requests]     # checked by _requests
-        index = {id(s): i for i, s in enumerate(seqs)}
+        """Queue the requests and step until all are done, yielding each new token's event.
+
+        Events are read off the requests' own tokens, not off what a step returns: another consumer
+        of this LLM (a second stream, a ``generate`` while a stream is open, another thread) may run
+        the steps that produce them, and every consumer still sees all of its own tokens, in order,
+        each request's last one marked finished."""
+        seqs: list[Sequence] = []
         try:
-            while any(not s.is_finished for s in seqs):
-                for seq, token in self.engine.step():
-                    if id(seq) in index:
-                        yield seqs, StreamEvent(index[id(seq)], seq.request_id, token, self._text([token]),
-                                                seq.is_finished, seq.finish_reason)
+            for ids, p in requests:                      # checked by _requests; all or none stay queued
+                seqs.append(self.engine.enqueue(ids, p))
+            sent = [0] * len(seqs)
+            while True:
+                for i, seq in enumerate(seqs):
+                    while sent[i] < seq.num_output_tokens:
+                        token = seq.token_ids[seq.num_prompt_tokens + sent[i]]
+                        sent[i] += 1
+                        last = seq.is_finished and sent[i] == seq.num_output_tokens
+                        yield seqs, StreamEvent(i, seq.request_id, token, self._text([token]), last,
+                                                seq.finish_reason if last else None)
+                if all(s.is_finished for s in seqs):
+                    break
+                with self._step_lock:
+                    if not all(s.is_finished for s in seqs):
+                        self.engine.step()
             yield seqs, None
-        finally:                                         # a stream left early: free its requests
-            for s in seqs:
-                if not s.is_finished:
-                    self.engine.abort(s)
+        finally:                                         # left early, or an error: free what is left
+            with self._step_lock:
+                for s in seqs:
+                    if not s.is_finished:
+                        self.engine.abort(s)
 
     def stream(self, prompts, sampling_params=None) -> Iterator[StreamEvent]:
         """Yield each new token of every request as soon as it is sampled."""
