@@ -5,7 +5,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PORT   ?= 8888
-TOKEN  ?= course
+# empty: `make lab` makes a fresh random token each time and prints the URL (as Jupyter does)
+TOKEN  ?=
+# e.g. https://download.pytorch.org/whl/cpu: install torch from that index first (the CPU build on Linux)
+TORCH_INDEX ?=
 JOBS   ?= 2
 # each test worker (and the notebook kernels it starts) gets its share of the cores, so that the
 # workers do not wait on each other's threads
@@ -16,6 +19,7 @@ THREADS ?= $(shell n=$$(( $$(nproc 2>/dev/null || echo 2) / $(JOBS) )); [ $$n -g
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet --index-url $(TORCH_INDEX) "$$(grep '^torch==' requirements.txt)",)
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (course)" >/dev/null
@@ -24,8 +28,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 setup: $(VENV)/.installed
 
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) --ip=127.0.0.1 \
-	  --IdentityProvider.token=$(TOKEN) $(if $(filter 0,$(shell id -u)),--allow-root,) \
+	@token="$(TOKEN)"; [ -n "$$token" ] || token=$$($(PY) -c 'import secrets; print(secrets.token_hex(24))'); \
+	echo "Open the course at: http://127.0.0.1:$(PORT)/lab/tree/00_start_here.ipynb?token=$$token"; \
+	exec $(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) --ip=127.0.0.1 \
+	  --IdentityProvider.token="$$token" $(if $(filter 0,$(shell id -u)),--allow-root,) \
 	  notebooks/00_start_here.ipynb
 
 test: setup
