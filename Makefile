@@ -14,7 +14,7 @@ JOBS   ?= 2
 # workers do not wait on each other's threads
 THREADS ?= $(shell n=$$(( $$(nproc 2>/dev/null || echo 2) / $(JOBS) )); [ $$n -ge 1 ] && echo $$n || echo 1)
 
-.PHONY: setup lab test assets figures clean
+.PHONY: setup lab test test-loaded assets figures clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,12 @@ lab: setup
 	  notebooks/00_start_here.ipynb
 
 test: setup
-	OMP_NUM_THREADS=$(THREADS) COURSE_TEST_THREADS=$(THREADS) $(PY) -m pytest -n $(JOBS) --dist loadscope --nbval-lax --nbval-current-env tests notebooks
+	OMP_NUM_THREADS=$(THREADS) COURSE_TEST_THREADS=$(THREADS) $(PY) -m pytest -n $(JOBS) --dist loadscope --nbval-lax --nbval-current-env -m "not loaded" tests notebooks
+	$(MAKE) test-loaded
+
+# the timing notebooks again, one at a time, beside a process that keeps one core busy
+test-loaded: setup
+	$(PY) -m pytest -m loaded tests/test_notebooks_loaded.py
 
 assets: setup
 	$(PY) scripts/make_assets.py
