@@ -408,19 +408,23 @@ def measure_bandwidth(device="cpu", nbytes: int | None = None, repeats: int = 5)
 
 
 def measure_read_bandwidth(device="cpu", nbytes: int | None = None, repeats: int = 5) -> tuple[float, list]:
-    """Bandwidth of reading a large buffer once (a sum over it): bytes read / the fastest run.
+    """Bandwidth of reading a large buffer once: bytes read / the fastest run.
 
-    A copy also writes, and on a CPU a written line is usually read first, so a copy's counted
-    bytes per second sit below what a read-only stream (a weight matrix in a GEMV) reaches. This
-    is the ceiling for steps that mostly read. Introduced in
+    The buffer is a ``(rows, 1024)`` float32 matrix times a vector, the way a decode step streams a
+    weight matrix. A copy also writes, and on a CPU a written line is usually read first, so a
+    copy's counted bytes per second sit below what a read-only stream reaches. This is the
+    ceiling for steps that mostly read, provided their data does not fit in a cache. Introduced in
     notebooks/10_prefill_vs_decode_on_your_hardware.ipynb. Defaults as :func:`measure_bandwidth`.
     """
     dev = torch.device(device)
     nbytes = nbytes or ((2 << 30) if dev.type == "cuda" else (256 << 20))
     _check_positive(nbytes=nbytes)
-    src = torch.ones(nbytes // 4, device=dev, dtype=torch.float32)
-    times = time_fn(lambda: src.sum(), dev, repeats=repeats, warmup=1)
-    return src.numel() * 4 / min(times), times
+    cols = 1024
+    rows = max(1, nbytes // (4 * cols))
+    matrix = torch.ones(rows, cols, device=dev, dtype=torch.float32)          # (rows, 1024)
+    vector = torch.ones(cols, device=dev, dtype=torch.float32)
+    times = time_fn(lambda: matrix @ vector, dev, repeats=repeats, warmup=1)
+    return matrix.numel() * 4 / min(times), times
 
 
 def time_matmul(m: int, n: int, k: int, device="cpu", dtype=None, repeats: int = 5) -> float:
