@@ -426,6 +426,26 @@ def measure_bandwidth(device="cpu", nbytes: int | None = None, repeats: int = 5)
     return 2 * src.numel() * 4 / min(times), times
 
 
+def measure_read_bandwidth(device="cpu", nbytes: int | None = None, repeats: int = 5) -> tuple[float, list]:
+    """Bandwidth of reading a large buffer once: bytes read / the fastest run.
+
+    The buffer is a ``(rows, 1024)`` float32 matrix times a vector, the way a decode step streams a
+    weight matrix. A copy also writes, and on a CPU a written line is usually read first, so a
+    copy's counted bytes per second sit below what a read-only stream reaches. This is the
+    ceiling for steps that mostly read, provided their data does not fit in a cache. Introduced in
+    notebooks/10_prefill_vs_decode_on_your_hardware.ipynb. Defaults as :func:`measure_bandwidth`.
+    """
+    dev = torch.device(device)
+    nbytes = nbytes or ((2 << 30) if dev.type == "cuda" else (256 << 20))
+    _check_positive(nbytes=nbytes)
+    cols = 1024
+    rows = max(1, nbytes // (4 * cols))
+    matrix = torch.ones(rows, cols, device=dev, dtype=torch.float32)          # (rows, 1024)
+    vector = torch.ones(cols, device=dev, dtype=torch.float32)
+    times = time_fn(lambda: matrix @ vector, dev, repeats=repeats, warmup=1)
+    return matrix.numel() * 4 / min(times), times
+
+
 def time_matmul(m: int, n: int, k: int, device="cpu", dtype=None, repeats: int = 5) -> float:
     """Best seconds of ``(m, k) @ (k, n)``: a GEMV when ``m == 1``, a GEMM otherwise."""
     _check_positive(m=m, n=n, k=k)
@@ -518,6 +538,88 @@ def time_decode_step(model, context: int, batch: int = 1, repeats: int = 5, warm
 
     def step():
         cache.keys, cache.values = list(keys), list(values)
+        model.decode_step(nxt, cache)
+
+    return best(time_fn(step, w.device, repeats, warmup))
+
+
+class PreallocatedKVCache:
+    """A KV cache with room for ``capacity`` positions reserved up front; a step writes one row.
+
+    Same interface as :class:`~course_lib.model.KVCache` (``keys``, ``values``, ``seq_len``,
+    ``append``), but ``append`` copies only the new rows into the reserved buffer and returns views
+    of the filled part, as engines do. The reference ``KVCache`` appends with ``torch.cat``, which
+    copies the whole cache every step; timing with this cache separates what attention costs from
+    what the copy costs. Introduced in notebooks/08_decode_and_kv_cache.ipynb.
+    """
+
+    def __init__(self, config: GPTConfig, batch: int, capacity: int, device="cpu", dtype=torch.float32):
+        _check_positive(batch=batch, capacity=capacity)
+        shape = (batch, config.n_head, capacity, config.head_dim)                # (B, H, capacity, Dh)
+        self._k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self._v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self._len = [0] * config.n_layer
+        self.capacity = capacity
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        return [k[:, :, :n] for k, n in zip(self._k, self._len)]               # (B, H, S, Dh)
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return [v[:, :, :n] for v, n in zip(self._v, self._len)]
+
+    @property
+    def seq_len(self) -> int:
+        return self._len[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self._k[0].shape[0]
+
+    def append(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
+        """Write the new positions of ``layer`` (B, H, T_new, Dh); returns the filled keys and values."""
+        start, t_new = self._len[layer], k_new.shape[2]
+        if start + t_new > self.capacity:
+            raise InputError(f"the cache has room for {self.capacity} positions; {start} are filled and "
+                             f"{t_new} more do not fit: make it with a larger capacity")
+        self._k[layer][:, :, start:start + t_new] = k_new
+        self._v[layer][:, :, start:start + t_new] = v_new
+        self._len[layer] = start + t_new
+        return self._k[layer][:, :, :start + t_new], self._v[layer][:, :, :start + t_new]
+
+    def truncate(self, seq_len: int) -> None:
+        """Forget every position from ``seq_len`` on (the buffer stays reserved)."""
+        self._len = [min(n, seq_len) for n in self._len]
+
+
+def fill_preallocated_cache(config: GPTConfig, batch: int, context: int, device="cpu",
+                            dtype=torch.float32, seed: int = 0, spare: int = 1) -> PreallocatedKVCache:
+    """A :class:`PreallocatedKVCache` holding ``context`` random positions, with ``spare`` free ones."""
+    src = random_cache(config, batch, context, device, dtype, seed)
+    cache = PreallocatedKVCache(config, batch, context + spare, device, dtype)
+    for layer, (k, v) in enumerate(zip(src.keys, src.values)):
+        cache.append(layer, k, v)
+    return cache
+
+
+@torch.inference_mode()
+def time_decode_step_preallocated(model, context: int, batch: int = 1, repeats: int = 5,
+                                  warmup: int = 1) -> float:
+    """Best seconds of one decode step on a :class:`PreallocatedKVCache` of ``context`` positions.
+
+    Like :func:`time_decode_step`, without ``torch.cat`` copying the whole cache: what grows with
+    the context here is attention reading the cached keys and values, nothing else.
+    Introduced in notebooks/08_decode_and_kv_cache.ipynb.
+    """
+    w = model.transformer.wte.weight
+    if context < 1:
+        raise InputError(f"context must be >= 1 (decode follows a prefill), got {context}")
+    cache = fill_preallocated_cache(model.config, batch, context, w.device, w.dtype)
+    nxt = random_ids(model.config, batch, 1, w.device)[:, 0]
+
+    def step():
+        cache.truncate(context)
         model.decode_step(nxt, cache)
 
     return best(time_fn(step, w.device, repeats, warmup))

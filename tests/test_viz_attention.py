@@ -69,13 +69,27 @@ def test_weights_bar_marks_future_keys_red():
 def test_head_grid_and_layer_grid_shapes():
     w = torch.softmax(torch.randn(3, 5, 5), -1)
     fig = va.head_grid(w, list("abcde"), highlight=1)
-    assert len(fig.axes) == 3 and fig.axes[1].spines["left"].get_edgecolor()[:3] == (1.0, 0.0, 0.0)
+    assert len(fig.axes) == 3 + 1 and fig.axes[1].spines["left"].get_edgecolor()[:3] == (1.0, 0.0, 0.0)
+    assert fig.axes[-1].get_ylabel() == "attention weight"                  # the colour bar
+    assert fig.get_figwidth() <= va.MAX_WIDTH_IN
     plt.close(fig)
     fig = va.layer_head_grid(torch.stack([w, w]), list("abcde"))
-    assert len(fig.axes) == 6
+    assert len(fig.axes) == 6 + 1
+    plt.close(fig)
+    wide = torch.softmax(torch.randn(12, 70, 70), -1)                       # 12 heads, 70 tokens
+    fig = va.head_grid(wide, [f"t{i}" for i in range(70)])
+    assert fig.get_figwidth() <= va.MAX_WIDTH_IN + 1e-9
+    assert len(fig.axes[0].get_yticklabels()) <= va.MAX_TICK_LABELS           # thinned labels
+    assert all(t.get_fontsize() >= 8 for t in fig.axes[0].get_yticklabels())
     plt.close(fig)
     with pytest.raises(InputError):
         va.head_grid(w[0], list("abcde"))
+
+
+def test_fit_figsize_and_tick_step():
+    assert va.fit_figsize(5, 3) == (5, 3)
+    assert va.fit_figsize(20, 4) == (10.0, 2.0)
+    assert va.tick_step(10) == 1 and va.tick_step(70) == 3 and va.tick_step(64) == 2
 
 
 def test_qkv_figure_marks_head_boundaries():

@@ -63,3 +63,13 @@ def test_sampling_explorer_survives_bad_input(model, tok):
         assert ex.message and ex.output.outputs[0]["data"]["text/plain"].startswith("⚠")
     ex.prompt.value = "A list"
     assert ex.message is None and "A list" in ex.summary
+
+
+def test_sampler_says_how_many_positions_are_left_after_the_tokens_to_generate(tok):
+    import pytest
+
+    from course_lib.errors import InputError
+    from course_lib.widgets.common import prompt_ids
+
+    with pytest.raises(InputError, match="only 3 of the model's 5 positions are left after the 2 tokens"):
+        prompt_ids(tok, "The for statement is used to iterate", 3, reserved=2)

@@ -33,6 +33,24 @@ def as_array(x) -> np.ndarray:
     return np.asarray(x, dtype=float)
 
 
+#: The widest figure a notebook shows at full size: about 1,000 px at 100 dpi.
+MAX_WIDTH_IN = 10.0
+#: At most this many token labels on an axis; longer prompts label every k-th token.
+MAX_TICK_LABELS = 32
+
+
+def fit_figsize(width: float, height: float, max_width: float = MAX_WIDTH_IN) -> tuple[float, float]:
+    """``(width, height)`` scaled down (aspect kept) so that the figure is at most ``max_width`` inches."""
+    if width <= max_width:
+        return width, height
+    return max_width, height * max_width / width
+
+
+def tick_step(n: int, max_labels: int = MAX_TICK_LABELS) -> int:
+    """Label every ``tick_step``-th of ``n`` positions so that at most ``max_labels`` are written."""
+    return max(1, -(-n // max_labels))
+
+
 def _check_2d(matrix: np.ndarray, row_labels, col_labels) -> None:
     if matrix.ndim != 2:
         raise InputError(f"a heatmap needs a 2-D matrix, got shape {matrix.shape}")
@@ -65,10 +83,12 @@ def heatmap(ax, matrix, row_labels=None, col_labels=None, title: str | None = No
         vmax = vmin + 1e-9
     im = ax.imshow(shown, cmap=cm, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
     rows, cols = m.shape
-    if row_labels is not None:
-        ax.set_yticks(range(rows), [str(s) for s in row_labels], fontsize=8)
+    if row_labels is not None:                     # long prompts: every k-th label, never below 8 pt
+        k = tick_step(rows)
+        ax.set_yticks(range(0, rows, k), [str(s) for s in row_labels][::k], fontsize=8)
     if col_labels is not None:
-        ax.set_xticks(range(cols), [str(s) for s in col_labels], fontsize=8, rotation=90)
+        k = tick_step(cols)
+        ax.set_xticks(range(0, cols, k), [str(s) for s in col_labels][::k], fontsize=8, rotation=90)
     if annotate is None:
         annotate = rows <= 10 and cols <= 10
     if annotate:
@@ -105,7 +125,8 @@ def weights_bar(ax, row, labels, query_index: int | None = None, title: str | No
         raise InputError(f"{len(labels)} labels for {len(w)} weights")
     colors = ["#d62728" if future_from is not None and j >= future_from else "#1f77b4" for j in range(len(w))]
     ax.bar(range(len(w)), w, color=colors)
-    ax.set_xticks(range(len(w)), [str(s) for s in labels], rotation=90, fontsize=8)
+    k = tick_step(len(w))
+    ax.set_xticks(range(0, len(w), k), [str(s) for s in labels][::k], rotation=90, fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("weight", fontsize=8)
     if len(w) <= 12:
@@ -131,12 +152,12 @@ def steps_figure(steps: dict, labels, query_index: int | None = None, bar: bool 
     T = as_array(steps[names[0]]).shape[0]
     width = min(3.6, max(2.6, 0.2 * T + 1.2))
     if bar and query_index is not None:
-        fig = plt.figure(figsize=(width * n, width + 2.6))
+        fig = plt.figure(figsize=fit_figsize(width * n, width + 2.6))
         gs = fig.add_gridspec(2, n, height_ratios=[width, 2.2], hspace=0.55)
         axes = [fig.add_subplot(gs[0, i]) for i in range(n)]
         bar_ax = fig.add_subplot(gs[1, :])
     else:
-        fig, axes = plt.subplots(1, n, figsize=(width * n, width + 0.4))
+        fig, axes = plt.subplots(1, n, figsize=fit_figsize(width * n, width + 0.4))
         axes = np.atleast_1d(axes)
         bar_ax = None
     for ax, name in zip(axes, names):
@@ -169,11 +190,11 @@ def steps_figure(steps: dict, labels, query_index: int | None = None, bar: bool 
 
 def qkv_figure(q, k, v, labels, head_dim: int | None = None, title: str | None = None):
     """Q, K and V (T, D) as three heatmaps with a row per token; dashed lines split the heads."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, max(2.5, 0.3 * len(labels) + 1.2)))
+    fig, axes = plt.subplots(1, 3, figsize=(MAX_WIDTH_IN, min(8.0, max(2.5, 0.3 * min(len(labels), MAX_TICK_LABELS) + 1.2))))
     for ax, name, m in zip(axes, "QKV", (q, k, v)):
         m = as_array(m)
         lim = float(np.abs(m).max()) or 1.0
-        heatmap(ax, m, labels, None, title=f"{name}  {m.shape[0]} tokens × {m.shape[1]} dims",
+        heatmap(ax, m, labels, None, title=f"{name}: {m.shape[0]} × {m.shape[1]}",
                 cmap="coolwarm", vmin=-lim, vmax=lim, annotate=False, xlabel="dimension")
         if head_dim:
             for b in range(head_dim, m.shape[1], head_dim):
@@ -193,12 +214,12 @@ def head_grid(weights, labels, title: str | None = None, head_titles=None, highl
     if w.ndim != 3:
         raise InputError(f"head_grid needs weights of shape (H, T, S), got {w.shape}")
     H, T, S = w.shape
-    size = max(2.4, 0.24 * T + 1.0)
-    fig, axes = plt.subplots(1, H, figsize=(size * H, size + 0.5))
+    size = min(max(2.4, 0.24 * T + 1.0), (MAX_WIDTH_IN - 0.8) / H)
+    fig, axes = plt.subplots(1, H, figsize=(size * H + 0.8, size + 0.7))
     axes = np.atleast_1d(axes)
     for h, ax in enumerate(axes):
         t = head_titles[h] if head_titles is not None else f"head {h}"
-        heatmap(ax, w[h], labels, labels, title=t, cmap="Blues", vmin=0, vmax=1, annotate=annotate)
+        im = heatmap(ax, w[h], labels, labels, title=t, cmap="Blues", vmin=0, vmax=1, annotate=annotate)
         if h:
             ax.set_yticklabels([])
         if highlight == h:
@@ -208,6 +229,7 @@ def head_grid(weights, labels, title: str | None = None, head_titles=None, highl
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    fig.colorbar(im, ax=list(axes), fraction=0.025, pad=0.02).set_label("attention weight", fontsize=8)
     return fig
 
 
@@ -217,13 +239,13 @@ def layer_head_grid(weights_per_layer, labels, row_titles=None, title: str | Non
     if w.ndim != 4:
         raise InputError(f"layer_head_grid needs weights of shape (L, H, T, S), got {w.shape}")
     L, H, T, _ = w.shape
-    size = max(2.0, 0.2 * T + 0.9)
-    fig, axes = plt.subplots(L, H, figsize=(size * H, size * L), squeeze=False)
+    size = min(max(2.0, 0.2 * T + 0.9), (MAX_WIDTH_IN - 0.8) / H)
+    fig, axes = plt.subplots(L, H, figsize=(size * H + 0.8, size * L), squeeze=False)
     for layer in range(L):
         for h in range(H):
             ax = axes[layer, h]
-            heatmap(ax, w[layer, h], labels if h == 0 else None, labels if layer == L - 1 else None,
-                    cmap="Blues", vmin=0, vmax=1, annotate=False)
+            im = heatmap(ax, w[layer, h], labels if h == 0 else None, labels if layer == L - 1 else None,
+                         cmap="Blues", vmin=0, vmax=1, annotate=False)
             if h > 0:
                 ax.set_yticks([])
             if layer < L - 1:
@@ -232,6 +254,7 @@ def layer_head_grid(weights_per_layer, labels, row_titles=None, title: str | Non
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.025, pad=0.02).set_label("attention weight", fontsize=8)
     return fig
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .attention import tick_step
+
 
 def draw_cache_view(view: dict, fig=None):
     """Three panels for one step: cached rows, occupancy per layer × head, attention row."""
     S, M, P = view["seq_len"], view["max_len"], view["prompt_len"]
     L, H = view["n_layer"], view["n_head"]
     if fig is None:
-        fig = plt.figure(figsize=(13, 4.2))
+        fig = plt.figure(figsize=(10, 3.8))
     gs = fig.add_gridspec(1, 3, width_ratios=[1.1, 0.9, 1.4], wspace=0.4)
     ax_rows, ax_occ, ax_att = (fig.add_subplot(gs[0, i]) for i in range(3))
 
@@ -30,9 +32,9 @@ def draw_cache_view(view: dict, fig=None):
                       f"{S} of {M} positions filled", fontsize=9)
     ax_rows.set_xlabel("head dim")
     ax_rows.set_ylabel("position (dashed: end of prompt)")
-    if M <= 40:
-        ax_rows.set_yticks(range(S))
-        ax_rows.set_yticklabels(view["labels"], fontsize=6)
+    k = tick_step(S, 20)                                    # every k-th token, 8 pt
+    ax_rows.set_yticks(range(0, S, k))
+    ax_rows.set_yticklabels(list(view["labels"])[:S:k], fontsize=8)
 
     occ = np.zeros((L * H, M))
     occ[:, :P] = 1
@@ -54,11 +56,9 @@ def draw_cache_view(view: dict, fig=None):
     ax_att.set_title(f"query '{view['query']}' (position {S - 1}) against the {S} cached keys\n"
                      f"→ next token '{view['next_token']}'", fontsize=9)
     ax_att.set_ylabel("attention weight")
-    if M <= 40:
-        ax_att.set_xticks(x)
-        ax_att.set_xticklabels(view["labels"], rotation=90, fontsize=6)
-    else:
-        ax_att.set_xlabel("cached position")
+    k = tick_step(S, 28)
+    ax_att.set_xticks(x[::k])
+    ax_att.set_xticklabels(list(view["labels"])[:S:k], rotation=90, fontsize=8)
     same = "=" if view["bytes_formula"] == view["bytes_allocated"] else "≠"
     fig.suptitle(f"step {view['step']} ({'prefill' if view['step'] == 0 else 'decode'}): KV cache formula "
                  f"{view['bytes_formula']:,} B {same} allocated {view['bytes_allocated']:,} B", fontsize=10, y=1.03)

@@ -18,7 +18,7 @@ def embedding_figure(tok, pos, total, labels, title: str | None = None):
     if not tok.shape == pos.shape == total.shape or tok.ndim != 2:
         raise InputError(f"need three (T, D) matrices of one shape, got {tok.shape}, {pos.shape}, {total.shape}")
     lim = float(max(np.abs(tok).max(), np.abs(pos).max(), np.abs(total).max())) or 1.0
-    fig, axes = plt.subplots(1, 3, figsize=(13, max(2.4, 0.3 * len(labels) + 1.2)))
+    fig, axes = plt.subplots(1, 3, figsize=(10, min(8.0, max(2.4, 0.3 * min(len(labels), 32) + 1.2))))
     pos_labels = [f"pos {i}" for i in range(len(labels))]
     for ax, m, name, rows in zip(axes, (tok, pos, total),
                                  ("token embedding wte[id]", "+ position embedding wpe[t]", "= input of block 0"),

@@ -137,7 +137,7 @@ def head_figure(views: dict):
     """Top: every head's weights (the chosen one outlined). Bottom: merged heads and W_o output."""
     w, labels, H = views["weights"], views["labels"], views["weights"].shape[0]
     T = len(labels)
-    size = max(2.4, 0.22 * T + 1.0)
+    size = min(max(2.4, 0.22 * T + 1.0), 10.0 / H)               # at most 10 inches wide
     fig = plt.figure(figsize=(size * H, 2 * size + 0.8))
     gs = fig.add_gridspec(2, H, hspace=0.45)
     for h in range(H):

@@ -30,7 +30,7 @@ def block_views(model, tokenizer, prompt: str, layer: int = 0) -> dict:
 def block_figure(views: dict):
     labels, norms = views["labels"], views["norms"]
     T = len(labels)
-    fig, ax = plt.subplots(figsize=(min(14, 1.2 + 0.55 * T), 3.4))
+    fig, ax = plt.subplots(figsize=(min(10, 1.2 + 0.55 * T), 3.4))
     width = 0.2
     for i, part in enumerate(PARTS):
         ax.bar(np.arange(T) + (i - 1.5) * width, norms[part], width, label=part)

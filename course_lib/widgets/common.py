@@ -15,11 +15,12 @@ import matplotlib.pyplot as plt
 from ..errors import CourseError, InputError
 
 
-def prompt_ids(tokenizer, prompt: str, max_tokens: int) -> list[int]:
+def prompt_ids(tokenizer, prompt: str, max_tokens: int, reserved: int = 0) -> list[int]:
     """Token ids of ``prompt``, or a :class:`CourseError` that says what to change.
 
     Raises for an empty prompt, a character the tokenizer lacks (``TokenizerError``) and a
-    prompt of more than ``max_tokens`` tokens (the model's context).
+    prompt of more than ``max_tokens`` tokens (the model's context, less ``reserved`` positions
+    kept for tokens still to be generated).
     """
     if not isinstance(prompt, str):
         raise InputError(f"the prompt must be text, got {type(prompt).__name__}")
@@ -27,6 +28,10 @@ def prompt_ids(tokenizer, prompt: str, max_tokens: int) -> list[int]:
         raise InputError("the prompt is empty: type at least one word")
     ids = tokenizer.encode(prompt)
     if len(ids) > max_tokens:
+        if reserved:
+            raise InputError(f"the prompt is {len(ids)} tokens long, but only {max_tokens} of the model's "
+                             f"{max_tokens + reserved} positions are left after the {reserved} tokens to "
+                             f"generate; shorten it")
         raise InputError(f"the prompt is {len(ids)} tokens long but the model's context holds "
                          f"{max_tokens}; shorten it")
     return ids

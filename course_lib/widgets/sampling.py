@@ -23,7 +23,7 @@ def sample_text(model, tokenizer, prompt: str, temperature: float = 0.8, max_new
         raise InputError(f"temperature must be a number >= 0, got {temperature!r}")
     check_sampling_args(max_new_tokens, float(temperature), top_k)
     room = model.config.n_positions - max_new_tokens
-    ids = prompt_ids(tokenizer, prompt, room)
+    ids = prompt_ids(tokenizer, prompt, room, reserved=max_new_tokens)
     device = model.transformer.wte.weight.device
     out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=float(temperature),
                          top_k=top_k, seed=seed)
