@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import checkpoint
 from .config import GPTConfig
 from .errors import ConfigError, CourseError, InputError
 from .model import GPT, KVCache, causal_mask, gelu
@@ -71,13 +72,24 @@ class ModelSpec:
 
     def build(self) -> GPT:
         if self.kind == "tiny":
-            from .tiny import load_tiny
+            from .tiny import TINY_DIR
 
-            return load_tiny()[0].eval()
-        if self.kind == "random":
-            model = GPT(GPTConfig(**self.config))
-            model.reset_parameters(self.seed)
+            config, state = checkpoint.load_state(TINY_DIR)   # the weights only: no tokenizer needed
+            model = GPT(config)                                # (on the meta device the first model of
+            model.load_state_dict(state, strict=False)         # a fresh process costs seconds)
             return model.eval()
+        model = GPT(self.gpt_config())
+        model.reset_parameters(self.seed)
+        return model.eval()
+
+    def gpt_config(self) -> GPTConfig:
+        """The model's config, without building the model."""
+        if self.kind == "tiny":
+            from .tiny import TINY_DIR
+
+            return GPTConfig.load(TINY_DIR / "config.json")
+        if self.kind == "random":
+            return GPTConfig(**self.config)
         raise InputError(f"unknown model kind {self.kind!r}; use ModelSpec.tiny() or ModelSpec.random(config)")
 
 
@@ -132,7 +144,7 @@ def _context():
         # A fork server imports torch once; each later worker is a cheap fork of it, and it never
         # ran the parent's thread pools (forking the notebook kernel itself would be unsafe).
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "torch.distributed", "course_lib.parallel"])
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "course_lib.parallel", "course_lib.tiny"])
         return ctx
     return mp.get_context("spawn")
 
@@ -414,8 +426,15 @@ def tp_forward_in_one_process(model: GPT, idx, world_size: int = 2) -> torch.Ten
     return _layer_norm(x, shards[0].ln_f, model.config.layer_norm_epsilon) @ shards[0].wte.T
 
 
-def _check_ids(model: GPT, ids) -> torch.Tensor:
-    return model.check_token_ids(ids).cpu()
+def _check_ids(model_or_config, ids) -> torch.Tensor:
+    """``ids`` as a (B, T) long tensor on the CPU, checked as :meth:`GPT.check_token_ids` checks it."""
+    if isinstance(model_or_config, GPTConfig):           # the same checks, without building a model
+        from types import SimpleNamespace
+
+        weight = SimpleNamespace(device=torch.device("cpu"))
+        model_or_config = SimpleNamespace(config=model_or_config, transformer=SimpleNamespace(
+            wte=SimpleNamespace(weight=weight)))
+    return GPT.check_token_ids(model_or_config, ids).cpu()
 
 
 def _tp_worker(rank, world_size, spec, prompt_ids, n_new, timing_lengths, repeats, allreduce_sizes):
@@ -444,6 +463,17 @@ def _tp_worker(rank, world_size, spec, prompt_ids, n_new, timing_lengths, repeat
     out["cache_shape"] = tuple(cache.keys[0].shape)
     out["cache_keys"] = list(cache.keys)
 
+    def bare_allreduce(nbytes: int) -> float:
+        """Best seconds of one all-reduce of ``nbytes``, both ranks starting together (no waiting)."""
+        buf = torch.ones(max(1, nbytes // 4))
+        times = []
+        for _ in range(max(repeats, 10)):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_reduce(buf)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
     timing = []
     for T in timing_lengths:
         x_ids = torch.randint(0, shard.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
@@ -458,20 +488,14 @@ def _tp_worker(rank, world_size, spec, prompt_ids, n_new, timing_lengths, repeat
                    "bytes_per_allreduce": t.allreduce_bytes[0], "n_allreduce": len(t.allreduce_bytes)}
             if best is None or wall < best["wall"]:
                 best = row
+        # Inside the forward, an all-reduce also holds the time this rank waits for the slower one.
+        # The transfer alone: the same all-reduce with both ranks starting together, times the count.
+        best["transfer"] = bare_allreduce(best["bytes_per_allreduce"]) * best["n_allreduce"]
+        best["waiting"] = max(0.0, best["all_reduce"] - best["transfer"])
         timing.append(best)
     out["timing"] = timing
-
-    sizes = []
-    for nbytes in allreduce_sizes:
-        buf = torch.ones(max(1, nbytes // 4))
-        times = []
-        for _ in range(repeats):
-            dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_reduce(buf)
-            times.append(time.perf_counter() - t0)
-        sizes.append({"bytes": buf.numel() * 4, "seconds": min(times)})
-    out["allreduce_bench"] = sizes
+    sizes = sorted({int(n) for n in allreduce_sizes} | {r["bytes_per_allreduce"] for r in timing})
+    out["allreduce_bench"] = [{"bytes": n, "seconds": bare_allreduce(n)} for n in sizes]
     return out
 
 
@@ -481,19 +505,22 @@ def run_tensor_parallel(spec: ModelSpec, prompt_ids, n_new: int = 8, world_size:
 
     Each rank: the full logits of ``prompt_ids`` (B, T, V) and the bytes of each of its
     all-reduces; ``n_new`` greedy tokens decoded with a KV cache sharded by heads; for each
-    prompt length in ``timing_lengths`` the best of ``repeats`` forwards split into compute and
-    all-reduce seconds; and the best time of one bare all-reduce of each size in ``allreduce_sizes``.
+    prompt length in ``timing_lengths`` the best of ``repeats`` forwards split into ``compute``
+    and ``all_reduce`` seconds, the all-reduce part split again into ``transfer`` (bare
+    all-reduces of the same size with both ranks starting together) and ``waiting`` (the rest:
+    this rank waiting for the other); and the best time of one bare all-reduce of each size in
+    ``allreduce_sizes`` and of each forward's size (``allreduce_bench``).
     """
-    model = spec.build()
-    check_tp_size(model.config, world_size)
-    _check_ids(model, prompt_ids)
+    config = spec.gpt_config()
+    check_tp_size(config, world_size)
+    _check_ids(config, prompt_ids)
     if not isinstance(n_new, int) or n_new < 0:
         raise InputError(f"n_new must be a non-negative integer, got {n_new!r}")
-    if torch.as_tensor(prompt_ids).shape[-1] + n_new > model.config.n_positions:
-        raise InputError(f"the prompt plus n_new={n_new} tokens exceeds the context of {model.config.n_positions}")
+    if torch.as_tensor(prompt_ids).shape[-1] + n_new > config.n_positions:
+        raise InputError(f"the prompt plus n_new={n_new} tokens exceeds the context of {config.n_positions}")
     for T in timing_lengths:
-        if not 1 <= T <= model.config.n_positions:
-            raise InputError(f"timing length {T} must be in 1..{model.config.n_positions}")
+        if not 1 <= T <= config.n_positions:
+            raise InputError(f"timing length {T} must be in 1..{config.n_positions}")
     return run_ranks(_tp_worker, world_size, (spec, prompt_ids, n_new, tuple(timing_lengths), repeats,
                                               tuple(allreduce_sizes)), timeout_s)
 
@@ -662,9 +689,9 @@ def run_pipeline(spec: ModelSpec, batch_ids, micro_counts=(1, 2, 4, 8), world_si
     on one clock, see :func:`common_start`). Per ``m``: ``intervals`` ``(stage, micro_batch, start, end)`` of
     the repeat whose whole schedule was shortest (``makespans`` lists all), and the last-position ``logits`` (B, V).
     """
-    model = spec.build()
-    ids = _check_ids(model, batch_ids)
-    stage_layers(model.config.n_layer, world_size)
+    config = spec.gpt_config()
+    ids = _check_ids(config, batch_ids)
+    stage_layers(config.n_layer, world_size)
     for m in micro_counts:
         if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= ids.shape[0]:
             raise InputError(f"micro-batch count {m!r} must be an integer in 1..{ids.shape[0]} (the batch size)")
@@ -735,13 +762,13 @@ def run_chunk_pipeline(spec: ModelSpec, prompt_ids, n_chunks: int = 4, world_siz
     ``(stage, chunk, start, end)`` (best repeat), the last position's ``logits`` (1, V), and the
     filled cache of every layer (``keys``, ``values``: lists over all layers, (1, H, T, Dh) each).
     """
-    model = spec.build()
-    ids = _check_ids(model, prompt_ids)
+    config = spec.gpt_config()
+    ids = _check_ids(config, prompt_ids)
     if ids.shape[0] != 1:
         raise InputError(f"the chunk pipeline follows one prompt; got a batch of {ids.shape[0]}")
     if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or not 1 <= n_chunks <= ids.shape[1]:
         raise InputError(f"n_chunks must be an integer in 1..{ids.shape[1]} (the prompt length), got {n_chunks!r}")
-    stage_layers(model.config.n_layer, world_size)
+    stage_layers(config.n_layer, world_size)
     per_rank = run_ranks(_chunk_worker, world_size, (spec, ids, n_chunks, repeats), timeout_s)
     tries = [sorted(r for rank in per_rank for r in rank["tries"][i]["intervals"]) for i in range(repeats)]
     i = _shortest(tries)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import LogLocator
 
 from ..errors import InputError
 
@@ -65,13 +66,16 @@ def schedule_figure(intervals, n_stages: int, ax=None, title: str | None = None,
     ax.set_yticklabels([f"stage {s}" for s in reversed(range(n_stages))], fontsize=9)
     ax.set_xlim(0, (xmax if xmax is not None else (t1 - t0)) * scale)
     ax.set_ylim(-0.6, n_stages - 0.4)
-    ax.set_xlabel("time (ms)" if unit == "ms" else "time (steps of one stage)", fontsize=9)
+    ax.set_xlabel(_time_label(unit, item), fontsize=9)
     ax.tick_params(labelsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    ax.text(1.0, 1.02, f"numbers: {item}; hatched: idle", transform=ax.transAxes, ha="right", va="bottom",
-            fontsize=8, color="#555555")
     return fig
+
+
+def _time_label(unit: str, item: str) -> str:
+    what = "time (ms)" if unit == "ms" else "time (steps of one stage)"
+    return f"{what}        bars: one {item} each (its number inside); hatched: idle"
 
 
 def schedules_figure(runs: list[dict], n_stages: int, ideal=None, item: str = "micro-batch"):
@@ -96,7 +100,7 @@ def schedules_figure(runs: list[dict], n_stages: int, ideal=None, item: str = "m
         schedule_figure(run["intervals"], n_stages, ax=ax, item=item, xmax=max(spans))
         ax.set_title(text, fontsize=9, loc="left")
         ax.set_xlabel("")
-    axes[-1, 0].set_xlabel("time (ms)", fontsize=9)
+    axes[-1, 0].set_xlabel(_time_label("ms", item), fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -105,8 +109,9 @@ def tp_split_figure(timings: dict, allreduce_bench: list | None = None):
     """Where a tensor-parallel forward's time goes, and what the all-reduces move.
 
     ``timings``: model name → rows ``{"T", "compute", "all_reduce", "bytes_per_allreduce",
-    "n_allreduce"}`` (seconds, of one rank). Left: compute vs all-reduce time per prompt length,
-    stacked; middle: bytes per all-reduce; right (with ``allreduce_bench``, rows ``{"bytes",
+    "n_allreduce"}`` (seconds, of one rank), optionally with ``"transfer"`` and ``"waiting"``
+    (the all-reduce time split, see :func:`course_lib.parallel.run_tensor_parallel`). Left:
+    compute and all-reduce time per prompt length, stacked; middle: bytes per all-reduce; right (with ``allreduce_bench``, rows ``{"bytes",
     "seconds"}``): one bare all-reduce's time against its size.
     """
     if not timings:
@@ -121,21 +126,29 @@ def tp_split_figure(timings: dict, allreduce_bench: list | None = None):
         by_T = {row["T"]: row for row in timings[name]}
         x = np.arange(len(lengths)) + (k - (len(names) - 1) / 2) * width
         comp = np.array([by_T[T]["compute"] * 1e3 if T in by_T else 0 for T in lengths])
-        comm = np.array([by_T[T]["all_reduce"] * 1e3 if T in by_T else 0 for T in lengths])
+        if all("transfer" in r for r in by_T.values()):
+            parts = [("transfer", "all-reduce: transfer", "#e45756"), ("waiting", "all-reduce: waiting", "#f2b8b5")]
+        else:
+            parts = [("all_reduce", "all-reduce (incl. waiting)", "#e45756")]
         ax_t.bar(x, comp, width * 0.95, color="#4c78a8", edgecolor="black", lw=0.5,
                  label="compute" if k == 0 else None)
-        ax_t.bar(x, comm, width * 0.95, bottom=comp, color="#e45756", edgecolor="black", lw=0.5,
-                 label="all-reduce (incl. waiting)" if k == 0 else None)
-        for xi, c, m in zip(x, comp, comm):
-            if c + m > 0:
-                ax_t.text(xi, c + m, f"{name}\n{m / (c + m):.0%}", ha="center", va="bottom", fontsize=7)
+        bottom = comp.copy()
+        for key, label, color in parts:
+            vals = np.array([by_T[T][key] * 1e3 if T in by_T else 0 for T in lengths])
+            ax_t.bar(x, vals, width * 0.95, bottom=bottom, color=color, edgecolor="black", lw=0.5,
+                     label=label if k == 0 else None)
+            bottom = bottom + vals
+        transfer = np.array([by_T[T][parts[0][0]] * 1e3 if T in by_T else 0 for T in lengths])
+        for xi, c, tr, top in zip(x, comp, transfer, bottom):
+            if c + tr > 0:
+                ax_t.text(xi, top, f"{name}\n{tr / (c + tr):.0%}", ha="center", va="bottom", fontsize=7)
         bts = [by_T[T]["bytes_per_allreduce"] / 1024 if T in by_T else 0 for T in lengths]
         ax_b.bar(np.arange(len(lengths)) + (k - (len(names) - 1) / 2) * width, bts, width * 0.95,
                  color=RANK_COLORS[k % len(RANK_COLORS)], label=name)
     ax_t.set_xticks(range(len(lengths)))
     ax_t.set_xticklabels([f"T = {T}" for T in lengths], fontsize=8)
     ax_t.set_ylabel("ms per forward (one rank)", fontsize=9)
-    ax_t.set_title("compute vs all-reduce (label: all-reduce share)", fontsize=9)
+    ax_t.set_title("compute vs all-reduce (label: transfer / (compute + transfer))", fontsize=9)
     ax_t.legend(fontsize=8, loc="upper left")
     ax_t.margins(y=0.3)
     ax_b.set_xticks(range(len(lengths)))
@@ -150,7 +163,11 @@ def tp_split_figure(timings: dict, allreduce_bench: list | None = None):
         ax_r = axes[2]
         nb = np.array([r["bytes"] for r in allreduce_bench], dtype=float)
         sec = np.array([r["seconds"] for r in allreduce_bench], dtype=float)
-        ax_r.loglog(nb, sec * 1e3, "o-", color="#e45756")
+        order = np.argsort(nb)
+        ax_r.loglog(nb[order], sec[order] * 1e3, "o-", color="#e45756")
+        ax_r.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax_r.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax_r.yaxis.set_minor_formatter(plt.NullFormatter())
         ax_r.set_xlabel("bytes all-reduced", fontsize=9)
         ax_r.set_ylabel("ms (best of repeats)", fontsize=9)
         ax_r.set_title("one bare all-reduce", fontsize=9)
