@@ -35,7 +35,6 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -120,6 +119,7 @@ def _to_numpy(obj):
 
 def _rank_main(rank, world_size, port, fn, args, results, threads):
     """Body of one worker process: join the group, run ``fn``, report, leave the group."""
+    report = None
     try:
         torch.set_num_threads(threads)
         if sys.platform.startswith("linux"):
@@ -129,12 +129,16 @@ def _rank_main(rank, world_size, port, fn, args, results, threads):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=60))
         try:
-            out = fn(rank, world_size, *args)
-            results.put((rank, "ok", _to_numpy(out)))
-        finally:
-            dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - everything goes back to the parent, which raises
-        results.put((rank, "error", traceback.format_exc()))
+            report = (rank, "ok", _to_numpy(fn(rank, world_size, *args)))
+        except BaseException:  # noqa: BLE001 - everything goes back to the parent, which raises
+            report = (rank, "error", traceback.format_exc())
+        results.put(report)
+        results.close()
+        results.join_thread()     # delivered before the other ranks can notice this one leaving
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001
+        if report is None:
+            results.put((rank, "error", traceback.format_exc()))
 
 
 def _context():
@@ -783,15 +787,3 @@ def overlap_seconds(intervals, stage_a: int, stage_b: int) -> float:
     a = [(r[2], r[3]) for r in intervals if r[0] == stage_a]
     b = [(r[2], r[3]) for r in intervals if r[0] == stage_b]
     return float(sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in a for s2, e2 in b))
-
-
-def ring_allreduce_bytes(tensor_bytes: int, world_size: int) -> float:
-    """Bytes each rank sends in a ring all-reduce of a tensor of ``tensor_bytes``: 2·(N − 1)/N of it."""
-    if world_size < 1 or tensor_bytes < 0:
-        raise InputError("world_size must be >= 1 and tensor_bytes >= 0")
-    return 2 * (world_size - 1) / world_size * tensor_bytes
-
-
-def intervals_array(intervals) -> np.ndarray:
-    """``(stage, item, start, end)`` rows as an (n, 4) float array (for plotting and checks)."""
-    return np.array([[float(v) for v in r] for r in intervals]).reshape(-1, 4)

@@ -27,15 +27,18 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from course_lib import parallel, perf  # noqa: E402
 from course_lib.data import load_corpus, split_documents  # noqa: E402
 from course_lib.model import Trace  # noqa: E402
 from course_lib.tiny import load_tiny, training_record  # noqa: E402
 from course_lib.viz import attention as va  # noqa: E402
 from course_lib.viz.block import gpt_stack_figure, norm_placement_figure  # noqa: E402
 from course_lib.viz.embeddings import embedding_figure, position_similarity_figure  # noqa: E402
+from course_lib.viz.parallel import schedule_figure, schedules_figure, tp_sharding_figure  # noqa: E402
 from course_lib.viz.heads import best_head, head_scores_figure, layer_weights, measure_heads, newline_ids  # noqa: E402
 from course_lib.viz.training import record_figure  # noqa: E402
 from course_lib.widgets.attention import attention_figure, attention_steps, attention_views  # noqa: E402
+from course_lib.widgets.parallel import pipeline_figure, pipeline_view  # noqa: E402
 
 FIGURES = ROOT / "figures"
 PROMPT = "The for statement is used to iterate over the elements of a list."
@@ -140,6 +143,40 @@ def fig_training_curve():
     rec = training_record()
     return record_figure(rec, title=f"training the tiny GPT on the CPU: {rec['settings']['steps']} steps",
                          vocab_size=tiny()[0].config.vocab_size)
+
+
+
+def fig_tp_sharding():
+    c = tiny()[0].config
+    return tp_sharding_figure(c.n_head, 2)
+
+
+def fig_pipeline_bubble_ideal():
+    return pipeline_figure(pipeline_view(4, 8))
+
+
+def _wide_spec():
+    return parallel.ModelSpec.random(perf.bench_config("cpu"), seed=0)
+
+
+def fig_pipeline_schedule_measured():
+    """Measured on this machine's CPU: two worker processes over gloo (a few seconds)."""
+    torch.set_num_threads(1)
+    batch = perf.random_ids(perf.bench_config("cpu"), 8, 32)
+    runs = parallel.run_pipeline(_wide_spec(), batch, micro_counts=(1, 2, 4, 8), repeats=3)
+    fig = schedules_figure(runs, 2, ideal=parallel.ideal_bubble)
+    fig.suptitle(f"pipeline of 2 CPU processes (gloo), batch of 8 × 32 tokens; {perf.device_name('cpu')}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def fig_chunk_pipeline_measured():
+    """One prompt of 256 tokens in 4 chunks over 2 stage processes, measured on this machine's CPU."""
+    torch.set_num_threads(1)
+    ids = perf.random_ids(perf.bench_config("cpu"), 1, 256)
+    out = parallel.run_chunk_pipeline(_wide_spec(), ids, n_chunks=4, repeats=3)
+    return schedule_figure(out["intervals"], 2, item="chunk",
+                           title="one prompt of 256 tokens in 4 chunks: stage 1 works on chunk c while stage 0 works on c + 1")
 
 
 FIGURE_FUNCTIONS = {name[4:]: fn for name, fn in sorted(globals().items()) if name.startswith("fig_")}
