@@ -163,7 +163,7 @@ def fig_pipeline_schedule_measured():
     """Measured on this machine's CPU: two worker processes over gloo (a few seconds)."""
     torch.set_num_threads(1)
     batch = perf.random_ids(perf.bench_config("cpu"), 8, 32)
-    runs = parallel.run_pipeline(_wide_spec(), batch, micro_counts=(1, 2, 4, 8), repeats=3)
+    runs = parallel.run_pipeline(_wide_spec(), batch, micro_counts=(1, 2, 4, 8), repeats=4)
     fig = schedules_figure(runs, 2, ideal=parallel.ideal_bubble)
     fig.suptitle(f"pipeline of 2 CPU processes (gloo), batch of 8 × 32 tokens; {perf.device_name('cpu')}", fontsize=9)
     fig.tight_layout()

@@ -103,3 +103,18 @@ def test_pipeline_view_and_explorer():
     assert "0.250" in ex.summary and ex.view["n_micro"] == 3
     ex.stages.value = 4
     assert ex.view["n_stages"] == 4 and f"{3 / 6:.3f}" in ex.summary
+
+
+def test_make_figures_draws_the_static_parallel_figures(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "make_figures.py"
+    spec = importlib.util.spec_from_file_location("make_figures", path)
+    mf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mf)
+    names = ["tp_sharding", "pipeline_bubble_ideal"]
+    assert {"pipeline_schedule_measured", "chunk_pipeline_measured", *names} <= set(mf.FIGURE_FUNCTIONS)
+    assert mf.main(["--out", str(tmp_path), "--only", *names]) == 0
+    for n in names:
+        assert (tmp_path / f"{n}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
