@@ -159,6 +159,21 @@ def _wide_spec():
     return parallel.ModelSpec.random(perf.bench_config("cpu"), seed=0)
 
 
+def fig_tp_compute_vs_allreduce():
+    """Tensor parallel over 2 CPU processes (gloo): compute vs all-reduce, tiny model and a wider one."""
+    torch.set_num_threads(1)
+    model, tok = tiny()
+    ids = torch.tensor([tok.encode(PROMPT)])
+    lengths = (16, 64, 128)
+    narrow = parallel.run_tensor_parallel(parallel.ModelSpec.tiny(), ids, n_new=0, timing_lengths=lengths,
+                                          allreduce_sizes=(4096, 4 << 20))
+    wide = parallel.run_tensor_parallel(_wide_spec(), ids[:, :8], n_new=0, timing_lengths=lengths)
+    timings = {f"D={model.config.n_embd}": narrow[0]["timing"], f"D={perf.bench_config('cpu').n_embd}": wide[0]["timing"]}
+    from course_lib.viz.parallel import tp_split_figure
+
+    return tp_split_figure(timings, narrow[0]["allreduce_bench"] + wide[0]["allreduce_bench"])
+
+
 def fig_pipeline_schedule_measured():
     """Measured on this machine's CPU: two worker processes over gloo (a few seconds)."""
     torch.set_num_threads(1)
