@@ -34,7 +34,7 @@ from course_lib.tiny import load_tiny, training_record  # noqa: E402
 from course_lib.viz import attention as va  # noqa: E402
 from course_lib.viz.block import gpt_stack_figure, norm_placement_figure  # noqa: E402
 from course_lib.viz.embeddings import embedding_figure, position_similarity_figure  # noqa: E402
-from course_lib.viz.parallel import schedule_figure, schedules_figure, tp_sharding_figure  # noqa: E402
+from course_lib.viz.parallel import schedule_figure, schedules_figure, tp_sharding_figure, tp_split_figure  # noqa: E402
 from course_lib.viz.heads import best_head, head_scores_figure, layer_weights, measure_heads, newline_ids  # noqa: E402
 from course_lib.viz.training import record_figure  # noqa: E402
 from course_lib.widgets.attention import attention_figure, attention_steps, attention_views  # noqa: E402
@@ -169,8 +169,6 @@ def fig_tp_compute_vs_allreduce():
                                           allreduce_sizes=(4096, 4 << 20))
     wide = parallel.run_tensor_parallel(_wide_spec(), ids[:, :8], n_new=0, timing_lengths=lengths)
     timings = {f"D={model.config.n_embd}": narrow[0]["timing"], f"D={perf.bench_config('cpu').n_embd}": wide[0]["timing"]}
-    from course_lib.viz.parallel import tp_split_figure
-
     return tp_split_figure(timings, narrow[0]["allreduce_bench"] + wide[0]["allreduce_bench"])
 
 
