@@ -25,6 +25,8 @@ one shared ``(S, V)`` buffer, and no request ever waits for a capture in the mid
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import torch
 
@@ -100,6 +102,19 @@ class StepGraphs:
     def capture(self) -> None:
         """Capture every bucket, largest first, into one memory pool (the buffers start all-zero:
         no live tile, every row writes the null block — a harmless step to warm up on)."""
+        # an engine dropped earlier may still own CUDA graphs in reference cycles; if the garbage
+        # collector freed them in the middle of a capture, that capture would fail: collect now, and
+        # not during the captures
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._capture_all()
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _capture_all(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         weight = self.runner.model.lm_head.weight
