@@ -47,6 +47,10 @@ def _canonical_name(key: str) -> str:
 def load_state(directory: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """Read and check a checkpoint; return its config and a state dict in our naming."""
     directory = Path(directory)
+    if directory.is_file():
+        raise CheckpointError(f"{directory} is a file, not a checkpoint directory (give the directory "
+                              f"that holds {CONFIG_NAME} and {WEIGHTS_NAME})"
+                              + (f": here {directory.parent}" if directory.name in (CONFIG_NAME, WEIGHTS_NAME) else ""))
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     for name in (CONFIG_NAME, WEIGHTS_NAME):

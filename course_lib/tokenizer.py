@@ -11,7 +11,9 @@ notebooks/01_tokens_and_embeddings.ipynb.
 
 from __future__ import annotations
 
+import heapq
 import json
+import operator
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -22,6 +24,8 @@ EOS = "<|endoftext|>"
 ALPHABET = "\n" + "".join(chr(c) for c in range(32, 127))
 PRETOKEN_PATTERN = r" ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"
 FORMAT = "course-bpe-v1"
+_CACHE_MAX_PIECE = 64        # pieces longer than this are encoded every time, not cached
+_CACHE_MAX_ENTRIES = 100_000  # the cache is emptied when it reaches this many pieces
 
 # Typographic characters that editors insert for you, mapped to their ASCII look-alikes.
 _TYPOGRAPHIC = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"',
@@ -45,6 +49,7 @@ class Tokenizer:
         self.token_to_id = {t: i for i, t in enumerate(self.id_to_token)}
         self.ranks = {pair: r for r, pair in enumerate(self.merges)}
         self._pattern = re.compile(PRETOKEN_PATTERN)
+        self._allowed = frozenset(alphabet)
         self._cache: dict[str, list[int]] = {}
 
     @property
@@ -56,51 +61,133 @@ class Tokenizer:
         return 0
 
     # ------------------------------------------------------------------ encode
-    def _check_alphabet(self, text: str) -> None:
-        allowed = set(self.alphabet)
-        for pos, ch in enumerate(text):
-            if ch not in allowed:
-                raise TokenizerError(
-                    f"character {ch!r} (U+{ord(ch):04X}) at position {pos} is not in this tokenizer's "
-                    "alphabet (printable ASCII and newline); remove or replace it")
+    def _check_alphabet(self, text: str, original: str | None = None) -> None:
+        """Raise for the first character of ``text`` (normalized; ``<|endoftext|>`` allowed) that
+        is not in the alphabet. ``original`` is the text before :func:`normalize`: the error then
+        names the character and its position as the caller wrote them."""
+        allowed = self._allowed
+        offset = 0
+        for part in text.split(EOS):
+            if not allowed.issuperset(part):
+                pos = offset + next(i for i, ch in enumerate(part) if ch not in allowed)
+                raise self._unencodable(text, pos, original)
+            offset += len(part) + len(EOS)
+
+    def _unencodable(self, text: str, pos: int, original: str | None) -> TokenizerError:
+        ch, where, source = text[pos], text, ""
+        if original is not None and original != text:
+            done = 0  # characters of ``text`` produced by original[:opos]
+            for opos, och in enumerate(original):
+                done += len(och.translate(_TYPOGRAPHIC))
+                if done > pos:
+                    break
+            where, pos = original, opos
+            if och != ch:  # an allowed look-alike of a typographic character is itself missing
+                source = f", which {och!r} (U+{ord(och):04X}) is normalized to,"
+        line = where.count("\n", 0, pos) + 1
+        column = pos - (where.rfind("\n", 0, pos) + 1) + 1
+        which = " (printable ASCII and newline)" if self.alphabet == ALPHABET else ""
+        return TokenizerError(
+            f"character {ch!r} (U+{ord(ch):04X}){source} at position {pos} (line {line}, column {column}) "
+            f"is not in this tokenizer's alphabet{which}; remove or replace it")
+
+    def _merge_symbols(self, piece: str) -> list[str]:
+        """Apply the merges to one pretoken; return its final symbols.
+
+        Same result as "repeatedly merge the lowest-rank adjacent pair, leftmost first", but in
+        O(n log n) instead of O(n^2): the symbols form a linked list (``nxt``/``prv`` by start
+        position), and a heap holds ``(rank, start of left symbol)`` for every adjacent pair that
+        has a merge. A popped entry is stale when its left symbol was absorbed or either symbol
+        grew since the push (the pair no longer spells the ranked merge); it is skipped.
+        """
+        n = len(piece)
+        if n < 2:
+            return list(piece)
+        ranks = self.ranks
+        sym = list(piece)                 # sym[i]: the symbol starting at position i ('' if absorbed)
+        nxt = list(range(1, n + 1))       # start of the next symbol; n past the end
+        prv = list(range(-1, n - 1))      # start of the previous symbol; -1 before the start
+        heap = [(ranks[pair], i) for i, pair in enumerate(zip(piece, piece[1:])) if pair in ranks]
+        heapq.heapify(heap)
+        while heap:
+            rank, i = heapq.heappop(heap)
+            j = nxt[i]
+            if not sym[i] or j >= n or ranks.get((sym[i], sym[j])) != rank:
+                continue                  # stale entry
+            sym[i] += sym[j]              # merge: i absorbs j
+            sym[j] = ""
+            k = nxt[j]
+            nxt[i] = k
+            if k < n:
+                prv[k] = i
+                r = ranks.get((sym[i], sym[k]))
+                if r is not None:
+                    heapq.heappush(heap, (r, i))
+            p = prv[i]
+            if p >= 0:
+                r = ranks.get((sym[p], sym[i]))
+                if r is not None:
+                    heapq.heappush(heap, (r, p))
+        out, i = [], 0
+        while i < n:
+            out.append(sym[i])
+            i = nxt[i]
+        return out
 
     def _encode_piece(self, piece: str) -> list[int]:
         cached = self._cache.get(piece)
         if cached is not None:
             return cached
-        symbols = list(piece)
-        while len(symbols) > 1:
-            pairs = [(self.ranks.get((a, b), len(self.ranks)), i)
-                     for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
-            rank, i = min(pairs)
-            if rank == len(self.ranks):
-                break
-            symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+        symbols = self._merge_symbols(piece)
         ids = [self.token_to_id[s] for s in symbols]
-        self._cache[piece] = ids
+        if len(piece) <= _CACHE_MAX_PIECE:  # a long one-off piece (a 50 kB word) is not kept
+            if len(self._cache) >= _CACHE_MAX_ENTRIES:
+                self._cache.clear()
+            self._cache[piece] = ids
         return ids
 
     def encode(self, text: str) -> list[int]:
         """Text → token ids. ``<|endoftext|>`` in the text becomes id 0."""
         if not isinstance(text, str):
-            raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
-        text = normalize(text)
+            hint = "; decode the bytes first, e.g. data.decode('utf-8')" if isinstance(text, (bytes, bytearray)) else ""
+            raise TokenizerError(f"encode takes a str, got {type(text).__name__}{hint}")
+        original, text = text, normalize(text)
+        self._check_alphabet(text, original)
         ids: list[int] = []
         for n, part in enumerate(text.split(EOS)):
             if n:
                 ids.append(self.eos_id)
-            self._check_alphabet(part)
             for piece in self._pattern.findall(part):
                 ids.extend(self._encode_piece(piece))
         return ids
 
     # ------------------------------------------------------------------ decode
     def _check_ids(self, ids) -> list[int]:
-        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
-        for i in ids:
-            if not 0 <= i < self.vocab_size:
-                raise TokenizerError(f"token id {i} is out of range: this tokenizer has ids 0..{self.vocab_size - 1}")
-        return ids
+        """A flat sequence of integer ids (list, tuple, 1-D tensor or array) → list of int in range."""
+        if hasattr(ids, "tolist"):
+            kind = type(ids).__name__
+            ids = ids.tolist()  # tensor / array → nested lists of Python numbers
+            if not isinstance(ids, list):
+                raise TokenizerError(f"decode takes a sequence of token ids, got a 0-d {kind}; wrap it in a list")
+        if isinstance(ids, (str, bytes, bytearray, dict, set)) or not hasattr(ids, "__iter__"):
+            raise TokenizerError(f"decode takes a sequence of token ids, got {type(ids).__name__}")
+        out = []
+        for n, i in enumerate(ids):
+            try:
+                if isinstance(i, bool):
+                    raise TypeError
+                value = operator.index(i)  # int, numpy/torch integer; refuses floats, strings, lists
+            except TypeError:
+                kind = type(i).__name__
+                hint = (" (decode takes one flat sequence: decode each row of a batch)"
+                        if isinstance(i, (list, tuple)) or getattr(i, "ndim", 0) else "")
+                raise TokenizerError(f"token id at index {n} is {i!r:.60} of type {kind}; token ids must be "
+                                     f"integers{hint}") from None
+            if not 0 <= value < self.vocab_size:
+                raise TokenizerError(f"token id {value} at index {n} is out of range: this tokenizer has "
+                                     f"ids 0..{self.vocab_size - 1}")
+            out.append(value)
+        return out
 
     def decode(self, ids) -> str:
         return "".join(self.id_to_token[i] for i in self._check_ids(ids))
@@ -153,11 +240,11 @@ def train_bpe(text: str, vocab_size: int, alphabet: str = ALPHABET) -> Tokenizer
     base = 1 + len(alphabet)
     if vocab_size < base:
         raise TokenizerError(f"vocab_size must be at least {base} (EOS + alphabet), got {vocab_size}")
-    text = normalize(text)
+    original, text = text, normalize(text)
     pattern = re.compile(PRETOKEN_PATTERN)
     counts: Counter[str] = Counter()
+    Tokenizer([], alphabet)._check_alphabet(text, original)
     for part in text.split(EOS):
-        Tokenizer([], alphabet)._check_alphabet(part)
         counts.update(pattern.findall(part))
     words = [list(w) for w in counts]
     freqs = list(counts.values())

@@ -59,6 +59,18 @@ def test_missing_directory(tmp_path):
         checkpoint.load(tmp_path / "nope")
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_a_file_is_not_a_checkpoint_directory(saved, name):
+    _, path = saved
+    with pytest.raises(CheckpointError, match="is a file, not a checkpoint directory") as e:
+        checkpoint.load(path / name)
+    assert "config.json and model.safetensors" in str(e.value) and str(path) in str(e.value)
+    assert "does not exist" not in str(e.value)
+    (path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="is a file, not a checkpoint directory"):
+        checkpoint.load_state(path / "notes.txt")
+
+
 def test_truncated_safetensors(saved):
     _, path = saved
     data = (path / "model.safetensors").read_bytes()
