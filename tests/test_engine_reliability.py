@@ -287,3 +287,12 @@ def test_llm_leaves_the_callers_model_as_it_was():
     same = LLM(mine, device="cpu", block_size=8)                           # fp32 on CPU: weights shared, not copied
     assert same.model.transformer.wte.weight.data_ptr() == mine.transformer.wte.weight.data_ptr()
     assert mine.training
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_before_encoding(monkeypatch):
+    llm = LLM(MODEL, tokenizer=TOK, **OPTIONS)
+    calls = []
+    monkeypatch.setattr(llm.tokenizer, "encode", lambda text: calls.append(text) or [1])
+    with pytest.raises(InputError, match="prompt 1: a prompt of 2,000,000 characters is at least"):
+        llm.generate(["def f(x):", "x" * 2_000_000])
+    assert calls == ["def f(x):"]                        # the long one was refused before it was encoded

@@ -25,7 +25,7 @@ import torch
 from .. import checkpoint
 from ..errors import ConfigError, CourseError, InputError
 from ..model import GPT
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, normalize
 from .config import EngineConfig
 from .engine import LLMEngine
 from .metrics import RequestMetrics, request_metrics
@@ -117,6 +117,7 @@ class LLM:
                               "tokenizer, or prompts as token ids")
         self.engine = LLMEngine(self.model, config)
         self._step_lock = threading.RLock()          # one step at a time, whoever drives it
+        self._longest_token = None
 
     @property
     def config(self):
@@ -139,8 +140,21 @@ class LLM:
                                  "(or give LLM(..., tokenizer=...))")
             if not prompt:
                 raise InputError("the prompt is empty; give at least one token")
+            fewest = self._fewest_tokens(prompt)
+            if fewest > self.model.config.n_positions:     # said before any encoding work is done
+                raise InputError(f"a prompt of {len(prompt):,} characters is at least {fewest:,} tokens, longer than "
+                                 f"the model's context of n_positions={self.model.config.n_positions}; shorten it")
             return self.tokenizer.encode(prompt)
         return prompt
+
+    def _fewest_tokens(self, text: str) -> int:
+        """A lower bound on the tokens of ``text``: no token spells more characters than the longest."""
+        vocab = getattr(self.tokenizer, "id_to_token", None)
+        if vocab is None:
+            return 0
+        if self._longest_token is None:
+            self._longest_token = max(len(t) for t in vocab)
+        return -(-len(normalize(text)) // self._longest_token)
 
     def _requests(self, prompts, sampling_params) -> list[tuple[list[int], SamplingParams]]:
         if isinstance(prompts, (str, torch.Tensor)) or (
