@@ -248,7 +248,12 @@ def _slider(description: str, value: int, maximum: int) -> widgets.IntSlider:
     # a set width: in a row of controls (an HBox) a slider without one shrinks to nothing
     return widgets.IntSlider(value=value, min=0, max=maximum, description=description,
                              continuous_update=False, style={"description_width": "initial"},
-                             layout=widgets.Layout(width="300px", min_width="220px"))
+                             layout=widgets.Layout(width="320px", min_width="300px"))
+
+
+def _row(*children) -> widgets.HBox:
+    """Controls side by side that wrap onto the next line in a narrow window (never squeezed)."""
+    return widgets.HBox(list(children), layout=widgets.Layout(flex_flow="row wrap"))
 
 
 class QKVExplorer(Explorer):
@@ -286,13 +291,14 @@ class AttentionExplorer(Explorer):
         self.query = _slider("query token", query_index, max(query_index, 1))
         self.temperature = widgets.FloatSlider(value=1.0, min=0.1, max=5.0, step=0.05, description="temperature",
                                                continuous_update=False, style={"description_width": "initial"},
-                                               layout=widgets.Layout(width="300px", min_width="220px"))
-        self.mask = widgets.Checkbox(value=True, description="causal mask on")
+                                               layout=widgets.Layout(width="320px", min_width="300px"))
+        self.mask = widgets.Checkbox(value=True, description="causal mask on", indent=False,
+                                     layout=widgets.Layout(width="auto"))
         self.layer = _slider("layer", layer, model.config.n_layer - 1)
         self.head = _slider("head", head, model.config.n_head - 1)
         self._busy = False
-        controls = [self.prompt, widgets.HBox([self.query, self.temperature, self.mask]),
-                    widgets.HBox([self.layer, self.head])]
+        self._query_row = _row(self.query, self.temperature, self.mask)
+        controls = [self.prompt, self._query_row, _row(self.layer, self.head)]
         super().__init__(controls, watch=[self.prompt, self.query, self.temperature, self.mask,
                                           self.layer, self.head])
         self._fit_query_slider()
@@ -306,17 +312,23 @@ class AttentionExplorer(Explorer):
         self.update()
 
     def _fit_query_slider(self) -> None:
-        """Let the query slider span the prompt's tokens (left alone if the prompt is bad)."""
+        """Let the query slider span the prompt's tokens (left alone if the prompt is bad).
+
+        A new slider replaces the old one when the number of tokens changes: the browser's
+        slider keeps its first range for the Home/End keys even after ``max`` changes."""
         try:
             n = len(prompt_ids(self.tokenizer, self.prompt.value, self.model.config.n_positions))
         except Exception:  # noqa: BLE001 - update() shows the message
             return
-        self._busy = True
-        try:
-            self.query.max = max(n - 1, 0)
-            self.query.value = min(self.query.value, n - 1)
-        finally:
-            self._busy = False
+        new_max = max(n - 1, 0)
+        if new_max == self.query.max:
+            return
+        old = self.query
+        old.unobserve(self._on_change, names="value")
+        self.query = _slider("query token", min(old.value, new_max), new_max)
+        self.query.observe(self._on_change, names="value")
+        self._query_row.children = (self.query, *self._query_row.children[1:])
+        old.close()
 
     def compute(self):
         views = attention_views(self.model, self.tokenizer, self.prompt.value, self.query.value,
@@ -340,7 +352,7 @@ class HeadExplorer(Explorer):
         self.prompt = _prompt_box(prompt, multiline=True)
         self.layer = _slider("layer", layer, model.config.n_layer - 1)
         self.head = _slider("head", head, model.config.n_head - 1)
-        super().__init__([self.prompt, widgets.HBox([self.layer, self.head])],
+        super().__init__([self.prompt, _row(self.layer, self.head)],
                          watch=[self.prompt, self.layer, self.head])
         self.update()
 

@@ -128,7 +128,7 @@ def build_cache_widget(record: DecodeRecord):
     from .common import canvas_png, detach_figure, tight_bbox
 
     cfg = record.config
-    wide = W.Layout(width="320px", min_width="220px")
+    wide = W.Layout(width="320px", min_width="300px")
     step = W.IntSlider(value=0, min=0, max=record.n_steps - 1, description="step", layout=wide)
     layer = W.IntSlider(value=0, min=0, max=cfg.n_layer - 1, description="layer", layout=wide)
     head = W.IntSlider(value=0, min=0, max=cfg.n_head - 1, description="head", layout=wide)
@@ -138,7 +138,8 @@ def build_cache_widget(record: DecodeRecord):
     view = cache_view(record, 0)
     fig = detach_figure(draw_cache_view(view))
     bbox = tight_bbox(fig)
-    box = W.VBox([W.HBox([step, layer]), W.HBox([head, which]), info, image])
+    wrap = W.Layout(flex_flow="row wrap")                # narrow window: wrap, never squeeze
+    box = W.VBox([W.HBox([step, layer], layout=wrap), W.HBox([head, which], layout=wrap), info, image])
 
     def redraw(*_):
         view = cache_view(record, step.value, layer.value, head.value, which.value)
