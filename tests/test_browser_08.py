@@ -9,10 +9,11 @@ or Playwright is missing.
 from __future__ import annotations
 
 import re
+import statistics
 from pathlib import Path
 
 import pytest
-from test_browser import CHROMIUM, FIGURES, jupyter_lab, run_all_cells, wait_until
+from test_browser import CHROMIUM, FIGURES, MOVE_BOUND_S, jupyter_lab, run_all_cells, time_moves, wait_until
 
 NOTEBOOK = "08_decode_and_kv_cache.ipynb"
 
@@ -57,5 +58,13 @@ def test_step_slider_grows_the_cache(lab08):
         assert f"{n0 + 5} positions cached" in after
         formula, allocated = re.search(r"formula ([\d,]+) B = allocated ([\d,]+) B", after).groups()
         assert formula == allocated
+
+        times = time_moves(page, handle, box.locator("img").first, n=7)
+        median = statistics.median(times)
+        print(f"notebook 08: key press → new figure, median {median:.3f} s over {len(times)} moves "
+              f"(each: {', '.join(f'{t:.2f}' for t in times)})")
+        assert summary(page).startswith("step 12 (decode)")
+        box.screenshot(path=str(FIGURES / "browser_08_moves.png"))
+        assert median < MOVE_BOUND_S, times
     assert (FIGURES / "browser_08_before.png").stat().st_size > 10_000
     assert (FIGURES / "browser_08_after.png").stat().st_size > 10_000

@@ -28,7 +28,7 @@ def test_embedding_views_are_wte_plus_wpe(model, tok):
     assert torch.equal(v["tok"], wte[ids]) and torch.equal(v["pos"], wpe[: len(ids)])
     assert torch.allclose(v["sum"], wte[ids] + wpe[: len(ids)])
     text = embedding_summary(v)
-    assert f"(1, {len(ids)}, 32)" in text and repr(v["tokens"][1]) in text
+    assert f"(1, {len(ids)}, 32)" in text and " ".join(map(str, v["ids"][:4])) in text and "\n" not in text
 
 
 def test_block_views_norms(model, tok):

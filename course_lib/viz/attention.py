@@ -83,23 +83,15 @@ def heatmap(ax, matrix, row_labels=None, col_labels=None, title: str | None = No
         vmax = vmin + 1e-9
     im = ax.imshow(shown, cmap=cm, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
     rows, cols = m.shape
-    if row_labels is not None:                     # long prompts: every k-th label, never below 8 pt
-        k = tick_step(rows)
-        ax.set_yticks(range(0, rows, k), [str(s) for s in row_labels][::k], fontsize=8)
-    if col_labels is not None:
-        k = tick_step(cols)
-        ax.set_xticks(range(0, cols, k), [str(s) for s in col_labels][::k], fontsize=8, rotation=90)
+    set_token_ticks(ax, row_labels, col_labels)
     if annotate is None:
         annotate = rows <= 10 and cols <= 10
+    im.cell_texts, im.cell_fmt = [], fmt            # kept so that update_heatmap can rewrite them
     if annotate:
         for i in range(rows):
             for j in range(cols):
-                if masked[i, j]:
-                    ax.text(j, i, "−∞", ha="center", va="center", fontsize=7, color="#555555")
-                else:
-                    r, g, b, _ = cm(im.norm(m[i, j]))
-                    color = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.55 else "black"
-                    ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=7, color=color)
+                im.cell_texts.append((i, j, ax.text(j, i, "", ha="center", va="center", fontsize=7)))
+        _write_cells(im, m)
     if title:
         ax.set_title(title, fontsize=9)
     if xlabel:
@@ -108,6 +100,64 @@ def heatmap(ax, matrix, row_labels=None, col_labels=None, title: str | None = No
         ax.set_ylabel(ylabel, fontsize=8)
     if colorbar:
         ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    return im
+
+
+def set_token_ticks(ax, row_labels=None, col_labels=None) -> None:
+    """Token labels on a heatmap's axes; long prompts get every k-th label, never below 8 pt."""
+    if row_labels is not None:
+        k = tick_step(len(row_labels))
+        ax.set_yticks(range(0, len(row_labels), k), [str(s) for s in row_labels][::k], fontsize=8)
+    if col_labels is not None:
+        k = tick_step(len(col_labels))
+        ax.set_xticks(range(0, len(col_labels), k), [str(s) for s in col_labels][::k], fontsize=8, rotation=90)
+
+
+def _write_cells(im, m: np.ndarray) -> None:
+    """The numbers written into the cells of an annotated heatmap, coloured to stay readable."""
+    cm = im.get_cmap()
+    for i, j, text in im.cell_texts:
+        if not np.isfinite(m[i, j]):
+            text.set_text("−∞")
+            text.set_color("#555555")
+        else:
+            r, g, b, _ = cm(im.norm(m[i, j]))
+            text.set_text(im.cell_fmt.format(m[i, j]))
+            text.set_color("white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.55 else "black")
+
+
+def update_heatmap(im, matrix, vmin: float | None = None, vmax: float | None = None,
+                   row_labels=None, col_labels=None):
+    """Put new values into a heatmap that :func:`heatmap` drew, instead of drawing a new one.
+
+    Changes the colours, the colour range (``None``: the finite minimum / maximum, as
+    :func:`heatmap` does) and the numbers written in the cells. A new shape is allowed for a
+    heatmap without numbers in its cells (pass the new ``row_labels`` / ``col_labels``).
+    Returns the image artist.
+    """
+    m = as_array(matrix)
+    if m.ndim != 2:
+        raise InputError(f"a heatmap needs a 2-D matrix, got shape {m.shape}")
+    masked = ~np.isfinite(m)
+    if m.shape != im.get_array().shape:
+        if im.cell_texts:
+            raise InputError(f"this heatmap writes numbers into {im.get_array().shape} cells; draw a new one "
+                             f"for shape {m.shape}")
+        rows, cols = m.shape
+        im.set_extent((-0.5, cols - 0.5, rows - 0.5, -0.5))
+        im.axes.set_xlim(-0.5, cols - 0.5)
+        im.axes.set_ylim(rows - 0.5, -0.5)
+    if row_labels is not None or col_labels is not None:
+        _check_2d(m, row_labels, col_labels)
+        set_token_ticks(im.axes, row_labels, col_labels)
+    im.set_data(np.ma.masked_array(m, mask=masked))
+    finite = m[~masked]
+    if vmin is None:
+        vmin = float(finite.min()) if finite.size else 0.0
+    if vmax is None:
+        vmax = float(finite.max()) if finite.size else 1.0
+    im.set_clim(vmin, vmax if vmax > vmin else vmin + 1e-9)
+    _write_cells(im, m)
     return im
 
 
@@ -123,27 +173,58 @@ def weights_bar(ax, row, labels, query_index: int | None = None, title: str | No
     w = as_array(row).reshape(-1)
     if len(labels) != len(w):
         raise InputError(f"{len(labels)} labels for {len(w)} weights")
-    colors = ["#d62728" if future_from is not None and j >= future_from else "#1f77b4" for j in range(len(w))]
-    ax.bar(range(len(w)), w, color=colors)
+    bars = ax.bar(range(len(w)), w)
     k = tick_step(len(w))
     ax.set_xticks(range(0, len(w), k), [str(s) for s in labels][::k], rotation=90, fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("weight", fontsize=8)
-    if len(w) <= 12:
-        for j, v in enumerate(w):
-            ax.text(j, v + 0.02, f"{v:.2f}", ha="center", fontsize=7)
+    texts = [ax.text(j, 0, "", ha="center", fontsize=7) for j in range(len(w))] if len(w) <= 12 else []
+    handles = {"bars": bars, "texts": texts, "title": ax.set_title("", fontsize=9)}
+    update_weights_bar(handles, w, labels, query_index, title, future_from)
+    return handles
+
+
+def update_weights_bar(handles: dict, row, labels, query_index: int | None = None, title: str | None = None,
+                       future_from: int | None = None) -> None:
+    """New heights, colours, numbers and title for the bars that :func:`weights_bar` drew."""
+    w = as_array(row).reshape(-1)
+    if len(w) != len(handles["bars"]):
+        raise InputError(f"{len(w)} weights for {len(handles['bars'])} bars")
+    for j, (bar, v) in enumerate(zip(handles["bars"], w)):
+        bar.set_height(v)
+        bar.set_color("#d62728" if future_from is not None and j >= future_from else "#1f77b4")
+    for j, (text, v) in enumerate(zip(handles["texts"], w)):
+        text.set_position((j, v + 0.02))
+        text.set_text(f"{v:.2f}")
     if title is None and query_index is not None:
         title = f"weights of query {query_index} ({labels[query_index]!s}) — sum {w.sum():.3f}"
-    if title:
-        ax.set_title(title, fontsize=9)
+    handles["title"].set_text(title or "")
+
+
+def _step_style(name: str, m: np.ndarray) -> dict:
+    """Colour map and range of one step's heatmap."""
+    if name == "mask":
+        return dict(cmap="Greys", vmin=0, vmax=1.6, fmt="{:.0f}")
+    if name == "weights":   # scaled to the largest weight so that flat rows still show
+        return dict(cmap="Blues", vmin=0, vmax=max(0.05, float(m.max())))
+    finite = m[np.isfinite(m)]
+    lim = float(np.abs(finite).max()) if finite.size else 1.0
+    return dict(cmap="coolwarm", vmin=-lim, vmax=lim)
+
+
+def _future_from(steps: dict, query_index: int):
+    mask = steps.get("mask")
+    return query_index + 1 if mask is not None and as_array(mask)[query_index, query_index + 1:].any() else None
 
 
 def steps_figure(steps: dict, labels, query_index: int | None = None, bar: bool = True,
-                 suptitle: str | None = None):
+                 suptitle: str | None = None, fig=None):
     """The five steps of one head side by side: scores, scaled, mask, masked, weights.
 
     ``steps`` maps those names to (T, S) matrices (``mask`` boolean or 0/1). With
     ``query_index`` the query's row is outlined and, if ``bar``, drawn as a bar chart below.
+    With ``fig`` the steps are drawn into that (cleared) figure. The artists are kept in
+    ``fig.course_handles`` for :func:`update_steps_figure`.
     """
     names = [n for n in STEP_TITLES if n in steps]
     if not names:
@@ -151,59 +232,95 @@ def steps_figure(steps: dict, labels, query_index: int | None = None, bar: bool 
     n = len(names)
     T = as_array(steps[names[0]]).shape[0]
     width = min(3.6, max(2.6, 0.2 * T + 1.2))
-    if bar and query_index is not None:
-        fig = plt.figure(figsize=fit_figsize(width * n, width + 2.6))
+    with_bar = bar and query_index is not None
+    size = fit_figsize(width * n, width + 2.6) if with_bar else fit_figsize(width * n, width + 0.4)
+    if fig is None:
+        fig = plt.figure(figsize=size)
+    else:
+        fig.clear()
+        fig.set_size_inches(*size)
+    if with_bar:
         gs = fig.add_gridspec(2, n, height_ratios=[width, 2.2], hspace=0.55)
         axes = [fig.add_subplot(gs[0, i]) for i in range(n)]
         bar_ax = fig.add_subplot(gs[1, :])
     else:
-        fig, axes = plt.subplots(1, n, figsize=fit_figsize(width * n, width + 0.4))
-        axes = np.atleast_1d(axes)
+        axes = list(np.atleast_1d(fig.subplots(1, n)))
         bar_ax = None
+    handles = {"images": {}, "rows": [], "bar": None, "suptitle": None}
     for ax, name in zip(axes, names):
         m = as_array(steps[name])
-        kw = {}
-        if name == "mask":
-            kw = dict(cmap="Greys", vmin=0, vmax=1.6, fmt="{:.0f}")
-        elif name == "weights":   # scaled to the largest weight so that flat rows still show
-            kw = dict(cmap="Blues", vmin=0, vmax=max(0.05, float(m.max())))
-        else:
-            kw = dict(cmap="coolwarm")
-            finite = m[np.isfinite(m)]
-            lim = float(np.abs(finite).max()) if finite.size else 1.0
-            kw.update(vmin=-lim, vmax=lim)
-        heatmap(ax, m, labels, labels, title=STEP_TITLES[name], **kw)
+        handles["images"][name] = heatmap(ax, m, labels, labels, title=STEP_TITLES[name], **_step_style(name, m))
         if query_index is not None:
             highlight_row(ax, query_index, m.shape[1])
+            handles["rows"].append(ax.patches[-1])
     for ax in axes[1:]:
         ax.set_yticklabels([])
     axes[0].set_ylabel("query (row)", fontsize=8)
     if bar_ax is not None:
         w = as_array(steps["weights"])[query_index]
-        mask = steps.get("mask")
-        future = query_index + 1 if mask is not None and as_array(mask)[query_index, query_index + 1:].any() else None
-        weights_bar(bar_ax, w, labels, query_index, future_from=future)
+        handles["bar"] = weights_bar(bar_ax, w, labels, query_index, future_from=_future_from(steps, query_index))
     if suptitle:
-        fig.suptitle(suptitle, fontsize=10)
+        handles["suptitle"] = fig.suptitle(suptitle, fontsize=10)
+    fig.course_handles = handles
     return fig
 
 
-def qkv_figure(q, k, v, labels, head_dim: int | None = None, title: str | None = None):
-    """Q, K and V (T, D) as three heatmaps with a row per token; dashed lines split the heads."""
-    fig, axes = plt.subplots(1, 3, figsize=(MAX_WIDTH_IN, min(8.0, max(2.5, 0.3 * min(len(labels), MAX_TICK_LABELS) + 1.2))))
+def update_steps_figure(fig, steps: dict, labels, query_index: int | None = None, suptitle: str | None = None):
+    """New values for a figure that :func:`steps_figure` drew (same tokens): the five heatmaps,
+    the outlined row, the bars and the titles. Nothing is drawn afresh."""
+    h = fig.course_handles
+    for name, im in h["images"].items():
+        m = as_array(steps[name])
+        style = _step_style(name, m)
+        update_heatmap(im, m, style["vmin"], style["vmax"])
+    for rect in h["rows"]:
+        rect.set_y(query_index - 0.5)
+    if h["bar"] is not None:
+        w = as_array(steps["weights"])[query_index]
+        update_weights_bar(h["bar"], w, labels, query_index, future_from=_future_from(steps, query_index))
+    if h["suptitle"] is not None and suptitle is not None:
+        h["suptitle"].set_text(suptitle)
+    return fig
+
+
+def qkv_figure(q, k, v, labels, head_dim: int | None = None, title: str | None = None, fig=None):
+    """Q, K and V (T, D) as three heatmaps with a row per token; dashed lines split the heads.
+
+    With ``fig`` they are drawn into that (cleared) figure; the artists are kept in
+    ``fig.course_handles`` for :func:`update_qkv_figure`."""
+    size = (MAX_WIDTH_IN, min(8.0, max(2.5, 0.3 * min(len(labels), MAX_TICK_LABELS) + 1.2)))
+    if fig is None:
+        fig = plt.figure(figsize=size)
+    else:
+        fig.clear()
+        fig.set_size_inches(*size)
+    axes = fig.subplots(1, 3)
+    images = []
     for ax, name, m in zip(axes, "QKV", (q, k, v)):
         m = as_array(m)
         lim = float(np.abs(m).max()) or 1.0
-        heatmap(ax, m, labels, None, title=f"{name}: {m.shape[0]} × {m.shape[1]}",
-                cmap="coolwarm", vmin=-lim, vmax=lim, annotate=False, xlabel="dimension")
+        images.append(heatmap(ax, m, labels, None, title=f"{name}: {m.shape[0]} × {m.shape[1]}",
+                              cmap="coolwarm", vmin=-lim, vmax=lim, annotate=False, xlabel="dimension"))
         if head_dim:
             for b in range(head_dim, m.shape[1], head_dim):
                 ax.axvline(b - 0.5, color="black", linestyle="--", linewidth=0.8)
     for ax in axes[1:]:
         ax.set_yticklabels([])
-    if title:
-        fig.suptitle(title, fontsize=10)
+    sup = fig.suptitle(title, fontsize=10) if title else None
     fig.tight_layout()
+    fig.course_handles = {"images": images, "suptitle": sup}
+    return fig
+
+
+def update_qkv_figure(fig, q, k, v, title: str | None = None):
+    """New Q, K and V (same shapes) for a figure that :func:`qkv_figure` drew."""
+    h = fig.course_handles
+    for im, m in zip(h["images"], (q, k, v)):
+        m = as_array(m)
+        lim = float(np.abs(m).max()) or 1.0
+        update_heatmap(im, m, -lim, lim)
+    if title is not None and h["suptitle"] is not None:
+        h["suptitle"].set_text(title)
     return fig
 
 

@@ -15,32 +15,26 @@ from .attention import tick_step
 
 
 def draw_cache_view(view: dict, fig=None):
-    """Three panels for one step: cached rows, occupancy per layer × head, attention row."""
-    S, M, P = view["seq_len"], view["max_len"], view["prompt_len"]
+    """Three panels for one step: cached rows, occupancy per layer × head, attention row.
+
+    The panels are as long as the final cache, so that a later step only changes values:
+    the artists are kept in ``fig.course_handles`` for :func:`update_cache_view`."""
+    M, P = view["max_len"], view["prompt_len"]
     L, H = view["n_layer"], view["n_head"]
     if fig is None:
         fig = plt.figure(figsize=(10, 3.8))
     gs = fig.add_gridspec(1, 3, width_ratios=[1.1, 0.9, 1.4], wspace=0.4)
     ax_rows, ax_occ, ax_att = (fig.add_subplot(gs[0, i]) for i in range(3))
-
-    canvas = np.full((M, view["rows"].shape[1]), np.nan)
-    canvas[:S] = view["rows"]
-    lim = np.nanmax(np.abs(view["rows"])) or 1.0
-    ax_rows.imshow(canvas, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    h = {}
+    h["rows"] = ax_rows.imshow(np.full((M, view["rows"].shape[1]), np.nan), aspect="auto", cmap="RdBu_r",
+                               interpolation="nearest")
     ax_rows.axhline(P - 0.5, color="black", lw=0.8, ls="--")
-    ax_rows.set_title(f"cached {view['which'].upper()} rows, layer {view['layer']} head {view['head']}\n"
-                      f"{S} of {M} positions filled", fontsize=9)
+    h["rows_title"] = ax_rows.set_title("", fontsize=9)
     ax_rows.set_xlabel("head dim")
     ax_rows.set_ylabel("position (dashed: end of prompt)")
-    k = tick_step(S, 20)                                    # every k-th token, 8 pt
-    ax_rows.set_yticks(range(0, S, k))
-    ax_rows.set_yticklabels(list(view["labels"])[:S:k], fontsize=8)
 
-    occ = np.zeros((L * H, M))
-    occ[:, :P] = 1
-    occ[:, P:S] = 2
-    ax_occ.imshow(occ, aspect="auto", cmap=plt.matplotlib.colors.ListedColormap(["#eeeeee", "#7fa7d6", "#d6604d"]),
-                  vmin=0, vmax=2, interpolation="nearest")
+    h["occ"] = ax_occ.imshow(np.zeros((L * H, M)), aspect="auto", vmin=0, vmax=2, interpolation="nearest",
+                             cmap=plt.matplotlib.colors.ListedColormap(["#eeeeee", "#7fa7d6", "#d6604d"]))
     ax_occ.set_yticks(range(0, L * H, H))
     ax_occ.set_yticklabels([f"layer {i}" for i in range(L)], fontsize=7)
     ax_occ.set_xlabel("position")
@@ -48,20 +42,46 @@ def draw_cache_view(view: dict, fig=None):
     for i in range(1, L):
         ax_occ.axhline(i * H - 0.5, color="white", lw=1.5)
 
-    x = np.arange(S)
-    colors = ["#7fa7d6" if i < P else "#d6604d" for i in range(S)]
-    ax_att.bar(x, view["attn"], color=colors)
+    h["bars"] = ax_att.bar(np.arange(M), np.zeros(M))
     ax_att.set_xlim(-0.5, M - 0.5)
-    ax_att.set_ylim(0, min(1.0, 1.15 * float(np.max(view["attn"]))))
-    ax_att.set_title(f"query '{view['query']}' (position {S - 1}) against the {S} cached keys\n"
-                     f"→ next token '{view['next_token']}'", fontsize=9)
+    h["att_title"] = ax_att.set_title("", fontsize=9)
     ax_att.set_ylabel("attention weight")
+    h["suptitle"] = fig.suptitle("", fontsize=10, y=1.03)
+    fig.course_handles = h
+    return update_cache_view(fig, view)
+
+
+def update_cache_view(fig, view: dict):
+    """Show another step, layer, head or K/V in a figure that :func:`draw_cache_view` drew."""
+    S, M, P = view["seq_len"], view["max_len"], view["prompt_len"]
+    h = fig.course_handles
+    ax_rows, ax_att = h["rows"].axes, h["bars"][0].axes
+    canvas = np.full((M, view["rows"].shape[1]), np.nan)
+    canvas[:S] = view["rows"]
+    lim = np.nanmax(np.abs(view["rows"])) or 1.0
+    h["rows"].set_data(canvas)
+    h["rows"].set_clim(-lim, lim)
+    h["rows_title"].set_text(f"cached {view['which'].upper()} rows, layer {view['layer']} head {view['head']}\n"
+                             f"{S} of {M} positions filled")
+    k = tick_step(S, 20)                                    # every k-th token, 8 pt
+    ax_rows.set_yticks(range(0, S, k), list(view["labels"])[:S:k], fontsize=8)
+
+    occ = np.zeros(h["occ"].get_array().shape)
+    occ[:, :P] = 1
+    occ[:, P:S] = 2
+    h["occ"].set_data(occ)
+
+    for i, bar in enumerate(h["bars"]):
+        bar.set_height(float(view["attn"][i]) if i < S else 0.0)
+        bar.set_color("#7fa7d6" if i < P else "#d6604d")
+    ax_att.set_ylim(0, min(1.0, 1.15 * float(np.max(view["attn"]))))
+    h["att_title"].set_text(f"query '{view['query']}' (position {S - 1}) against the {S} cached keys\n"
+                            f"→ next token '{view['next_token']}'")
     k = tick_step(S, 28)
-    ax_att.set_xticks(x[::k])
-    ax_att.set_xticklabels(list(view["labels"])[:S:k], rotation=90, fontsize=8)
+    ax_att.set_xticks(range(0, S, k), list(view["labels"])[:S:k], rotation=90, fontsize=8)
     same = "=" if view["bytes_formula"] == view["bytes_allocated"] else "≠"
-    fig.suptitle(f"step {view['step']} ({'prefill' if view['step'] == 0 else 'decode'}): KV cache formula "
-                 f"{view['bytes_formula']:,} B {same} allocated {view['bytes_allocated']:,} B", fontsize=10, y=1.03)
+    h["suptitle"].set_text(f"step {view['step']} ({'prefill' if view['step'] == 0 else 'decode'}): KV cache "
+                           f"formula {view['bytes_formula']:,} B {same} allocated {view['bytes_allocated']:,} B")
     return fig
 
 

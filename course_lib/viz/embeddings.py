@@ -9,25 +9,52 @@ import numpy as np
 import matplotlib.pyplot as plt
 
 from ..errors import InputError
-from .attention import as_array, heatmap
+from .attention import as_array, heatmap, update_heatmap
 
 
-def embedding_figure(tok, pos, total, labels, title: str | None = None):
-    """Three heatmaps, one row per token: wte[ids], wpe[positions] and their sum (T, D each)."""
-    tok, pos, total = as_array(tok), as_array(pos), as_array(total)
-    if not tok.shape == pos.shape == total.shape or tok.ndim != 2:
-        raise InputError(f"need three (T, D) matrices of one shape, got {tok.shape}, {pos.shape}, {total.shape}")
+def embedding_figure(tok, pos, total, labels, title: str | None = None, fig=None):
+    """Three heatmaps, one row per token: wte[ids], wpe[positions] and their sum (T, D each).
+
+    With ``fig`` they are drawn into that (cleared) figure; the artists are kept in
+    ``fig.course_handles`` for :func:`update_embedding_figure`."""
+    tok, pos, total = _check_three(tok, pos, total)
     lim = float(max(np.abs(tok).max(), np.abs(pos).max(), np.abs(total).max())) or 1.0
-    fig, axes = plt.subplots(1, 3, figsize=(10, min(8.0, max(2.4, 0.3 * min(len(labels), 32) + 1.2))))
+    size = (10, min(8.0, max(2.4, 0.3 * min(len(labels), 32) + 1.2)))
+    if fig is None:
+        fig = plt.figure(figsize=size)
+    else:
+        fig.clear()
+        fig.set_size_inches(*size)
+    axes = fig.subplots(1, 3)
     pos_labels = [f"pos {i}" for i in range(len(labels))]
+    images = []
     for ax, m, name, rows in zip(axes, (tok, pos, total),
                                  ("token embedding wte[id]", "+ position embedding wpe[t]", "= input of block 0"),
                                  (labels, pos_labels, labels)):
-        heatmap(ax, m, rows, None, title=name, cmap="coolwarm", vmin=-lim, vmax=lim, annotate=False,
-                xlabel=f"dimension (D = {m.shape[1]})")
+        images.append(heatmap(ax, m, rows, None, title=name, cmap="coolwarm", vmin=-lim, vmax=lim, annotate=False,
+                              xlabel=f"dimension (D = {m.shape[1]})"))
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    fig.course_handles = {"images": images}
+    return fig
+
+
+def _check_three(tok, pos, total):
+    tok, pos, total = as_array(tok), as_array(pos), as_array(total)
+    if not tok.shape == pos.shape == total.shape or tok.ndim != 2:
+        raise InputError(f"need three (T, D) matrices of one shape, got {tok.shape}, {pos.shape}, {total.shape}")
+    return tok, pos, total
+
+
+def update_embedding_figure(fig, tok, pos, total, labels):
+    """New embeddings for a figure that :func:`embedding_figure` drew for as many tokens."""
+    tok, pos, total = _check_three(tok, pos, total)
+    lim = float(max(np.abs(tok).max(), np.abs(pos).max(), np.abs(total).max())) or 1.0
+    im_tok, im_pos, im_sum = fig.course_handles["images"]
+    update_heatmap(im_tok, tok, -lim, lim, row_labels=labels)
+    update_heatmap(im_pos, pos, -lim, lim)
+    update_heatmap(im_sum, total, -lim, lim, row_labels=labels)
     return fig
 
 

@@ -20,7 +20,7 @@ import torch
 from ..errors import InputError
 from ..model import Trace, causal_mask
 from ..viz import attention as va
-from .common import Explorer, figure_png, prompt_ids
+from .common import Explorer, detach_figure, figure_png, prompt_ids
 
 DEFAULT_PROMPT = "The for statement is used to iterate over the elements of a list."
 
@@ -57,9 +57,19 @@ def qkv_views(model, tokenizer, prompt: str, layer: int = 0) -> dict:
             "q": merged("q"), "k": merged("k"), "v": merged("v"), "x": trace[f"h{layer}.ln_1"][0].cpu()}
 
 
-def qkv_figure(views: dict):
+def _qkv_title(views: dict) -> str:
+    return f"layer {views['layer']}: one row per token; dashed lines split the heads"
+
+
+def qkv_figure(views: dict, fig=None):
+    """Q, K and V of :func:`qkv_views` as heatmaps (into ``fig`` if given)."""
     return va.qkv_figure(views["q"], views["k"], views["v"], views["labels"], head_dim=views["head_dim"],
-                         title=f"layer {views['layer']}: one row per token; dashed lines split the heads")
+                         title=_qkv_title(views), fig=fig)
+
+
+def update_qkv_figure(fig, views: dict):
+    """New Q, K and V (another layer, the same tokens) for a figure of :func:`qkv_figure`."""
+    return va.update_qkv_figure(fig, views["q"], views["k"], views["v"], title=_qkv_title(views))
 
 
 def attention_steps(q, k, temperature: float = 1.0, mask_on: bool = True) -> dict:
@@ -114,11 +124,22 @@ def attention_summary(views: dict) -> str:
             f"weight on future tokens: {views['future_weight']:.3f}")
 
 
-def attention_figure(views: dict):
+def _attention_title(views: dict) -> str:
     t = views["temperature"]
-    sub = (f"layer {views['layer']}, head {views['head']} · scale 1/({t:g}·√d_k) · "
-           f"mask {'on' if views['mask_on'] else 'OFF: future tokens leak in'}")
-    return va.steps_figure(views["steps"], views["labels"], views["query_index"], suptitle=sub)
+    return (f"layer {views['layer']}, head {views['head']} · scale 1/({t:g}·√d_k) · "
+            f"mask {'on' if views['mask_on'] else 'OFF: future tokens leak in'}")
+
+
+def attention_figure(views: dict, fig=None):
+    """The five steps for one setting of notebook 03's controls (into ``fig`` if given)."""
+    return va.steps_figure(views["steps"], views["labels"], views["query_index"], suptitle=_attention_title(views),
+                           fig=fig)
+
+
+def update_attention_figure(fig, views: dict):
+    """New values for a figure of :func:`attention_figure` drawn for the same tokens."""
+    return va.update_steps_figure(fig, views["steps"], views["labels"], views["query_index"],
+                                  suptitle=_attention_title(views))
 
 
 def head_views(model, tokenizer, prompt: str, layer: int = 0, head: int = 0) -> dict:
@@ -133,38 +154,68 @@ def head_views(model, tokenizer, prompt: str, layer: int = 0, head: int = 0) -> 
             "merged": trace[name + "merged"][0].cpu(), "out": trace[name + "out"][0].cpu()}
 
 
-def head_figure(views: dict):
-    """Top: every head's weights (the chosen one outlined). Bottom: merged heads and W_o output."""
+def head_figure(views: dict, fig=None):
+    """Top: every head's weights (the chosen one outlined). Bottom: merged heads and W_o output.
+
+    With ``fig`` it is drawn into that (cleared) figure; the artists are kept in
+    ``fig.course_handles`` for :func:`update_head_figure`."""
     w, labels, H = views["weights"], views["labels"], views["weights"].shape[0]
     T = len(labels)
     size = min(max(2.4, 0.22 * T + 1.0), 10.0 / H)               # at most 10 inches wide
-    fig = plt.figure(figsize=(size * H, 2 * size + 0.8))
+    if fig is None:
+        fig = plt.figure(figsize=(size * H, 2 * size + 0.8))
+    else:
+        fig.clear()
+        fig.set_size_inches(size * H, 2 * size + 0.8)
     gs = fig.add_gridspec(2, H, hspace=0.45)
+    handles = {"heads": [], "merged": [], "box": None}
     for h in range(H):
         ax = fig.add_subplot(gs[0, h])
-        va.heatmap(ax, w[h], labels, labels, title=f"head {h}", cmap="Blues", vmin=0, vmax=1, annotate=False)
+        handles["heads"].append(va.heatmap(ax, w[h], labels, labels, title=f"head {h}", cmap="Blues", vmin=0,
+                                           vmax=1, annotate=False))
         if h:
             ax.set_yticklabels([])
-        if h == views["head"]:
-            for spine in ax.spines.values():
-                spine.set_edgecolor("red")
-                spine.set_linewidth(2.5)
     half = max(1, H // 2)
     for col, (name, m) in enumerate((("merged heads (before W_o)", views["merged"]),
                                      ("attention output = merged @ W_o + b_o", views["out"]))):
         ax = fig.add_subplot(gs[1, col * half:(col + 1) * half] if H > 1 else gs[1, 0])
         lim = float(m.abs().max()) or 1.0
-        va.heatmap(ax, m, labels, None, title=name, cmap="coolwarm", vmin=-lim, vmax=lim, annotate=False,
-                   xlabel="dimension")
+        handles["merged"].append(va.heatmap(ax, m, labels, None, title=name, cmap="coolwarm", vmin=-lim, vmax=lim,
+                                            annotate=False, xlabel="dimension"))
         if col == 0:
             dh = views["head_dim"]
             for b in range(dh, m.shape[1], dh):
                 ax.axvline(b - 0.5, color="black", linestyle="--", linewidth=0.8)
-            h = views["head"]
-            ax.add_patch(plt.Rectangle((h * dh - 0.5, -0.5), dh, T, fill=False, edgecolor="red", linewidth=2))
+            handles["box"] = plt.Rectangle((-0.5, -0.5), dh, T, fill=False, edgecolor="red", linewidth=2)
+            ax.add_patch(handles["box"])
         else:
             ax.set_yticklabels([])
-    fig.suptitle(f"layer {views['layer']}: attention weights per head, then the heads merged", fontsize=10)
+    handles["suptitle"] = fig.suptitle("", fontsize=10)
+    fig.course_handles = handles
+    _mark_head(fig, views)
+    return fig
+
+
+def _mark_head(fig, views: dict) -> None:
+    """Outline the chosen head (its heatmap's frame, its columns of the merged heads) and title."""
+    h = fig.course_handles
+    for i, im in enumerate(h["heads"]):
+        for spine in im.axes.spines.values():
+            spine.set_edgecolor("red" if i == views["head"] else "black")
+            spine.set_linewidth(2.5 if i == views["head"] else 0.8)
+    h["box"].set_x(views["head"] * views["head_dim"] - 0.5)
+    h["suptitle"].set_text(f"layer {views['layer']}: attention weights per head, then the heads merged")
+
+
+def update_head_figure(fig, views: dict):
+    """New layer or head (the same tokens) for a figure that :func:`head_figure` drew."""
+    h = fig.course_handles
+    for im, w in zip(h["heads"], views["weights"]):
+        va.update_heatmap(im, w, 0, 1)
+    for im, m in zip(h["merged"], (views["merged"], views["out"])):
+        lim = float(m.abs().max()) or 1.0
+        va.update_heatmap(im, m, -lim, lim)
+    _mark_head(fig, views)
     return fig
 
 
@@ -194,8 +245,15 @@ def _prompt_box(prompt: str, multiline: bool = False):
 
 
 def _slider(description: str, value: int, maximum: int) -> widgets.IntSlider:
+    # a set width: in a row of controls (an HBox) a slider without one shrinks to nothing
     return widgets.IntSlider(value=value, min=0, max=maximum, description=description,
-                             continuous_update=False, style={"description_width": "initial"})
+                             continuous_update=False, style={"description_width": "initial"},
+                             layout=widgets.Layout(width="320px", min_width="300px"))
+
+
+def _row(*children) -> widgets.HBox:
+    """Controls side by side that wrap onto the next line in a narrow window (never squeezed)."""
+    return widgets.HBox(list(children), layout=widgets.Layout(flex_flow="row wrap"))
 
 
 class QKVExplorer(Explorer):
@@ -212,7 +270,14 @@ class QKVExplorer(Explorer):
         views = qkv_views(self.model, self.tokenizer, self.prompt.value, self.layer.value)
         text = (f"{len(views['ids'])} tokens: {' | '.join(views['labels'])}\n"
                 f"Q, K, V each {tuple(views['q'].shape)} = (tokens, n_embd)")
-        return text, figure_png(qkv_figure(views))
+        self.views = views
+        return text, self.render(views, tuple(views["ids"]))
+
+    def draw(self, views) -> None:
+        self.fig = detach_figure(qkv_figure(views, fig=self.fig))
+
+    def refresh(self, views) -> None:
+        update_qkv_figure(self.fig, views)
 
 
 class AttentionExplorer(Explorer):
@@ -225,13 +290,15 @@ class AttentionExplorer(Explorer):
         self.prompt = _prompt_box(prompt)
         self.query = _slider("query token", query_index, max(query_index, 1))
         self.temperature = widgets.FloatSlider(value=1.0, min=0.1, max=5.0, step=0.05, description="temperature",
-                                               continuous_update=False, style={"description_width": "initial"})
-        self.mask = widgets.Checkbox(value=True, description="causal mask on")
+                                               continuous_update=False, style={"description_width": "initial"},
+                                               layout=widgets.Layout(width="320px", min_width="300px"))
+        self.mask = widgets.Checkbox(value=True, description="causal mask on", indent=False,
+                                     layout=widgets.Layout(width="auto"))
         self.layer = _slider("layer", layer, model.config.n_layer - 1)
         self.head = _slider("head", head, model.config.n_head - 1)
         self._busy = False
-        controls = [self.prompt, widgets.HBox([self.query, self.temperature, self.mask]),
-                    widgets.HBox([self.layer, self.head])]
+        self._query_row = _row(self.query, self.temperature, self.mask)
+        controls = [self.prompt, self._query_row, _row(self.layer, self.head)]
         super().__init__(controls, watch=[self.prompt, self.query, self.temperature, self.mask,
                                           self.layer, self.head])
         self._fit_query_slider()
@@ -245,23 +312,35 @@ class AttentionExplorer(Explorer):
         self.update()
 
     def _fit_query_slider(self) -> None:
-        """Let the query slider span the prompt's tokens (left alone if the prompt is bad)."""
+        """Let the query slider span the prompt's tokens (left alone if the prompt is bad).
+
+        A new slider replaces the old one when the number of tokens changes: the browser's
+        slider keeps its first range for the Home/End keys even after ``max`` changes."""
         try:
             n = len(prompt_ids(self.tokenizer, self.prompt.value, self.model.config.n_positions))
         except Exception:  # noqa: BLE001 - update() shows the message
             return
-        self._busy = True
-        try:
-            self.query.max = max(n - 1, 0)
-            self.query.value = min(self.query.value, n - 1)
-        finally:
-            self._busy = False
+        new_max = max(n - 1, 0)
+        if new_max == self.query.max:
+            return
+        old = self.query
+        old.unobserve(self._on_change, names="value")
+        self.query = _slider("query token", min(old.value, new_max), new_max)
+        self.query.observe(self._on_change, names="value")
+        self._query_row.children = (self.query, *self._query_row.children[1:])
+        old.close()
 
     def compute(self):
         views = attention_views(self.model, self.tokenizer, self.prompt.value, self.query.value,
                                 self.temperature.value, self.mask.value, self.layer.value, self.head.value)
         self.views = views
-        return attention_summary(views), figure_png(attention_figure(views))
+        return attention_summary(views), self.render(views, tuple(views["ids"]))
+
+    def draw(self, views) -> None:
+        self.fig = detach_figure(attention_figure(views, fig=self.fig))
+
+    def refresh(self, views) -> None:
+        update_attention_figure(self.fig, views)
 
 
 class HeadExplorer(Explorer):
@@ -273,11 +352,17 @@ class HeadExplorer(Explorer):
         self.prompt = _prompt_box(prompt, multiline=True)
         self.layer = _slider("layer", layer, model.config.n_layer - 1)
         self.head = _slider("head", head, model.config.n_head - 1)
-        super().__init__([self.prompt, widgets.HBox([self.layer, self.head])],
+        super().__init__([self.prompt, _row(self.layer, self.head)],
                          watch=[self.prompt, self.layer, self.head])
         self.update()
 
     def compute(self):
         views = head_views(self.model, self.tokenizer, self.prompt.value, self.layer.value, self.head.value)
         self.views = views
-        return head_summary(views), figure_png(head_figure(views))
+        return head_summary(views), self.render(views, tuple(views["ids"]))
+
+    def draw(self, views) -> None:
+        self.fig = detach_figure(head_figure(views, fig=self.fig))
+
+    def refresh(self, views) -> None:
+        update_head_figure(self.fig, views)

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from .attention import _check_index, _prompt_box, _slider, trace_prompt
-from .common import Explorer, figure_png
+from .common import Explorer, detach_figure
 
 PARTS = ("input x", "attention adds", "MLP adds", "output")
 
@@ -27,19 +27,47 @@ def block_views(model, tokenizer, prompt: str, layer: int = 0) -> dict:
     return {"ids": ids, "labels": labels, "layer": layer, "norms": norms}
 
 
-def block_figure(views: dict):
+def _block_title(views: dict) -> str:
+    return f"block {views['layer']}: the residual stream and what attention and the MLP add to it"
+
+
+def block_figure(views: dict, fig=None):
+    """Four bars per token (the norms of :func:`block_views`); into ``fig`` if given. The bars
+    are kept in ``fig.course_handles`` for :func:`update_block_figure`."""
     labels, norms = views["labels"], views["norms"]
     T = len(labels)
-    fig, ax = plt.subplots(figsize=(min(10, 1.2 + 0.55 * T), 3.4))
+    size = (min(10, 1.2 + 0.55 * T), 3.4)
+    if fig is None:
+        fig = plt.figure(figsize=size)
+    else:
+        fig.clear()
+        fig.set_size_inches(*size)
+    ax = fig.subplots()
     width = 0.2
-    for i, part in enumerate(PARTS):
-        ax.bar(np.arange(T) + (i - 1.5) * width, norms[part], width, label=part)
+    bars = {part: ax.bar(np.arange(T) + (i - 1.5) * width, norms[part], width, label=part)
+            for i, part in enumerate(PARTS)}
     ax.set_xticks(range(T), labels, rotation=90, fontsize=8)
-    ax.set_ylim(0, 1.3 * max(float(v.max()) for v in norms.values()))   # room for the legend
     ax.set_ylabel("length ‖·‖")
-    ax.set_title(f"block {views['layer']}: the residual stream and what attention and the MLP add to it", fontsize=10)
-    ax.legend(fontsize=8, ncol=4)
+    title = ax.set_title(_block_title(views), fontsize=10)
+    ax.legend(fontsize=8, ncol=4, loc="upper left")
+    _block_ylim(ax, norms)
     fig.tight_layout()
+    fig.course_handles = {"bars": bars, "title": title}
+    return fig
+
+
+def _block_ylim(ax, norms: dict) -> None:
+    ax.set_ylim(0, 1.3 * max(float(v.max()) for v in norms.values()))   # room for the legend
+
+
+def update_block_figure(fig, views: dict):
+    """New bar heights (another layer, the same tokens) for a figure of :func:`block_figure`."""
+    h = fig.course_handles
+    for part, container in h["bars"].items():
+        for bar, v in zip(container, views["norms"][part]):
+            bar.set_height(float(v))
+    _block_ylim(fig.axes[0], views["norms"])
+    h["title"].set_text(_block_title(views))
     return fig
 
 
@@ -60,4 +88,10 @@ class BlockExplorer(Explorer):
         text = (f"block {views['layer']}, {len(views['ids'])} tokens: mean length of input {n['input x'].mean():.2f}, "
                 f"attention adds {n['attention adds'].mean():.2f}, MLP adds {n['MLP adds'].mean():.2f}, "
                 f"output {n['output'].mean():.2f}")
-        return text, figure_png(block_figure(views))
+        return text, self.render(views, tuple(views["ids"]))
+
+    def draw(self, views) -> None:
+        self.fig = detach_figure(block_figure(views, fig=self.fig))
+
+    def refresh(self, views) -> None:
+        update_block_figure(self.fig, views)

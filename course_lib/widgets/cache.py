@@ -118,31 +118,37 @@ def cache_summary(view: dict) -> str:
 
 
 def build_cache_widget(record: DecodeRecord):
-    """Sliders for step, layer and head, a K/V toggle; redraws the cache view on change."""
-    import ipywidgets as W
-    import matplotlib.pyplot as plt
-    from IPython.display import display
+    """Sliders for step, layer and head, a K/V toggle; the cache view is drawn once and updated.
 
-    from ..viz.cache import draw_cache_view
+    Returns a VBox of ``[HBox(step, layer), HBox(head, which), info, image]``; the figure is
+    ``box.fig`` and the callback ``box.redraw()`` (what a slider move runs)."""
+    import ipywidgets as W
+
+    from ..viz.cache import draw_cache_view, update_cache_view
+    from .common import canvas_png, detach_figure, tight_bbox
 
     cfg = record.config
-    step = W.IntSlider(value=0, min=0, max=record.n_steps - 1, description="step")
-    layer = W.IntSlider(value=0, min=0, max=cfg.n_layer - 1, description="layer")
-    head = W.IntSlider(value=0, min=0, max=cfg.n_head - 1, description="head")
+    wide = W.Layout(width="320px", min_width="300px")
+    step = W.IntSlider(value=0, min=0, max=record.n_steps - 1, description="step", layout=wide)
+    layer = W.IntSlider(value=0, min=0, max=cfg.n_layer - 1, description="layer", layout=wide)
+    head = W.IntSlider(value=0, min=0, max=cfg.n_head - 1, description="head", layout=wide)
     which = W.ToggleButtons(options=[("K", "k"), ("V", "v")], value="k", description="cache")
     info = W.HTML()
-    out = W.Output()
+    image = W.Image(format="png", layout=W.Layout(max_width="100%"))
+    view = cache_view(record, 0)
+    fig = detach_figure(draw_cache_view(view))
+    bbox = tight_bbox(fig)
+    wrap = W.Layout(flex_flow="row wrap")                # narrow window: wrap, never squeeze
+    box = W.VBox([W.HBox([step, layer], layout=wrap), W.HBox([head, which], layout=wrap), info, image])
 
     def redraw(*_):
         view = cache_view(record, step.value, layer.value, head.value, which.value)
         info.value = cache_summary(view)
-        with out:
-            out.clear_output(wait=True)
-            fig = draw_cache_view(view)
-            display(fig)
-            plt.close(fig)
+        update_cache_view(fig, view)
+        image.value = canvas_png(fig, 80, bbox)
 
     for w in (step, layer, head, which):
         w.observe(redraw, names="value")
     redraw()
-    return W.VBox([W.HBox([step, layer]), W.HBox([head, which]), info, out])
+    box.fig, box.redraw = fig, redraw
+    return box

@@ -47,6 +47,36 @@ def figure_png(fig, dpi: int = 80) -> bytes:
     return buf.getvalue()
 
 
+def tight_bbox(fig, pad: float = 0.15):
+    """The box (inches) around everything drawn on ``fig``, plus ``pad``: measured once when a
+    widget builds its figure, then handed to :func:`canvas_png` on every update."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    renderer = fig.canvas.get_renderer()
+    return fig.get_tightbbox(renderer).padded(pad)
+
+
+def canvas_png(fig, dpi: int = 80, bbox=None) -> bytes:
+    """Render a figure that a widget keeps (and updates) to PNG bytes, as it stands.
+
+    Unlike :func:`figure_png` the figure stays open for the next update, and the crop box
+    ``bbox`` (from :func:`tight_bbox`, measured once) replaces ``bbox_inches="tight"``, which
+    measures the figure again with a second drawing pass every time.
+    """
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches=bbox)
+    return buf.getvalue()
+
+
+def detach_figure(fig):
+    """Take a figure out of pyplot's list of open figures (the notebook will not show it by
+    itself at the end of the cell) and return it: a widget keeps it and redraws it on demand."""
+    plt.close(fig)
+    return fig
+
+
 def _html_output(body: str, plain: str) -> dict:
     return {"output_type": "display_data", "metadata": {},
             "data": {"text/plain": plain, "text/html": body}}
@@ -59,7 +89,31 @@ class Explorer(widgets.VBox):
     (default: the controls themselves) and implement ``compute()`` (returns ``(summary_text, png)``)
     from the controls' values. Any change re-runs :meth:`update`; a :class:`CourseError` (or any
     other exception) becomes a message in the Output and the widget keeps working.
+
+    The figure is built once and then updated: a subclass implements ``draw(views)`` (builds
+    ``self.fig`` and keeps its artists) and ``refresh(views)`` (changes those artists' data), and
+    calls :meth:`render` from ``compute()``. ``render`` draws afresh only when ``layout_key``
+    (for instance the prompt's tokens) differs from the last one, into the same Figure object.
     """
+
+    fig = None            # the figure this explorer keeps and updates
+    _layout_key = None    # what the figure's layout was built for
+
+    def draw(self, views) -> None:  # pragma: no cover - subclasses with a figure override it
+        raise NotImplementedError
+
+    def refresh(self, views) -> None:  # pragma: no cover - subclasses with a figure override it
+        raise NotImplementedError
+
+    def render(self, views, layout_key, dpi: int = 80) -> bytes:
+        """Update the kept figure for ``views`` (rebuilt only for a new ``layout_key``); PNG bytes."""
+        if self.fig is None or layout_key != self._layout_key:
+            self.draw(views)
+            self._layout_key = layout_key
+            self._bbox = tight_bbox(self.fig)
+        else:
+            self.refresh(views)
+        return canvas_png(self.fig, dpi, self._bbox)
 
     def __init__(self, controls: list, watch: list | None = None):
         self.output = widgets.Output()

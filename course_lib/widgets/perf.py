@@ -24,12 +24,20 @@ VIEWS = {
 }
 
 
-def batches(results) -> list[int]:
-    return sorted({b for b, _ in results["tpot"]})
+#: A curve needs at least this many measured points to be offered by the widget's slider.
+MIN_POINTS = 3
 
 
-def contexts(results) -> list[int]:
-    return sorted({c for _, c in results["tpot"]})
+def batches(results, min_points: int = 1) -> list[int]:
+    """The measured batch sizes that have decode timings at ``min_points`` contexts or more."""
+    all_b = sorted({b for b, _ in results["tpot"]})
+    return [b for b in all_b if sum(1 for bb, _ in results["tpot"] if bb == b) >= min_points]
+
+
+def contexts(results, min_points: int = 1) -> list[int]:
+    """The measured contexts that have decode timings at ``min_points`` batch sizes or more."""
+    all_c = sorted({c for _, c in results["tpot"]})
+    return [c for c in all_c if sum(1 for _, cc in results["tpot"] if cc == c) >= min_points]
 
 
 def timing_series(results: dict, view: str, fixed: int | None = None) -> dict:
@@ -80,28 +88,67 @@ def draw_timing(results: dict, view: str, fixed: int | None = None, ax=None, dev
     return fig
 
 
-def build_timing_widget(results: dict, device_label: str = ""):
-    """A dropdown for the view and a slider for the batch (or context) held fixed."""
-    import ipywidgets as W
-    from IPython.display import display
+def _fixed_options(results: dict, view: str) -> tuple[str, list[int]]:
+    """The slider's name and positions for ``view``: only values whose curve has several points."""
+    if view == "tpot_batch":
+        return "context", contexts(results, MIN_POINTS) or contexts(results)
+    return "batch", batches(results, MIN_POINTS) or batches(results)
 
-    view = W.Dropdown(options=[(v, k) for k, v in VIEWS.items()], value="ttft", description="plot")
-    fixed = W.SelectionSlider(options=batches(results), description="batch")
-    out = W.Output()
+
+def build_timing_widget(results: dict, device_label: str = ""):
+    """A dropdown for the view and a slider for the batch (or context) held fixed.
+
+    The figure is drawn once; a change puts the chosen curve into its lines and rescales the
+    axes. Returns a VBox of ``[HBox(dropdown, slider), image]``; ``box.fig`` is the figure and
+    ``box.redraw()`` the callback."""
+    import ipywidgets as W
+
+    from .common import canvas_png, detach_figure
+
+    view = W.Dropdown(options=[(v, k) for k, v in VIEWS.items()], value="ttft", description="plot",
+                      layout=W.Layout(width="430px"))     # wide enough for the longest label
+    name, opts = _fixed_options(results, "ttft")
+    fixed = W.SelectionSlider(options=opts, description=name, layout=W.Layout(width="320px"))
+    image = W.Image(format="png", layout=W.Layout(max_width="100%"))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    detach_figure(fig)
+    (line,) = ax.plot([], [], "o-", color="tab:blue")
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    (line2,) = ax2.plot([], [], "s--", color="tab:red")
+    ax2.set_ylabel("tokens/s (all sequences)", color="tab:red")
+    fig.subplots_adjust(left=0.12, right=0.86, bottom=0.16, top=0.84)
+    busy = [False]
 
     def redraw(*_):
-        if view.value == "tpot_batch" and fixed.description != "context":
-            fixed.description, fixed.options = "context", contexts(results)
-        elif view.value != "tpot_batch" and fixed.description != "batch":
-            fixed.description, fixed.options = "batch", batches(results)
-        fixed.disabled = view.value in ("ttft", "ttft_per_token")
-        with out:
-            out.clear_output(wait=True)
-            fig = draw_timing(results, view.value, fixed.value, device_label=device_label)
-            display(fig)
-            plt.close(fig)
+        if busy[0]:
+            return
+        name, opts = _fixed_options(results, view.value)
+        if fixed.description != name or list(fixed.options) != opts:
+            busy[0] = True                        # changing the options moves the value: one redraw
+            try:
+                fixed.description, fixed.options = name, opts
+            finally:
+                busy[0] = False
+        fixed.disabled = view.value in ("ttft", "ttft_per_token") or len(opts) < 2
+        s = timing_series(results, view.value, fixed.value)
+        line.set_data(s["x"], s["y"])
+        ax.set_xlabel(s["xlabel"])
+        ax.set_ylabel(s["ylabel"])
+        ax.relim()
+        ax.autoscale_view()
+        ax.set_ylim(0, 1.1 * max(s["y"]))
+        ax.set_title(s["title"] + (f"\n{device_label}" if device_label else ""), fontsize=9)
+        ax2.set_visible("tokens_per_s" in s)
+        if "tokens_per_s" in s:
+            line2.set_data(s["x"], s["tokens_per_s"])
+            ax2.set_ylim(0, 1.1 * max(s["tokens_per_s"]))
+        image.value = canvas_png(fig, 80)
 
     view.observe(redraw, names="value")
     fixed.observe(redraw, names="value")
     redraw()
-    return W.VBox([W.HBox([view, fixed]), out])
+    box = W.VBox([W.HBox([view, fixed]), image])
+    box.fig, box.redraw = fig, redraw
+    return box
