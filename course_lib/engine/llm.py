@@ -118,6 +118,12 @@ class LLM:
         self.engine = LLMEngine(self.model, config)
         self._step_lock = threading.RLock()          # one step at a time, whoever drives it
 
+    def shutdown(self) -> None:
+        """Stop the engine's tensor-parallel worker processes (also done at garbage collection and
+        at exit; nothing to do with one rank). The LLM generates no more afterwards."""
+        with self._step_lock:
+            self.engine.shutdown()
+
     @property
     def config(self):
         """The model's :class:`~course_lib.config.GPTConfig` (the engine's settings: ``llm.engine.config``)."""
