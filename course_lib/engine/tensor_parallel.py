@@ -50,6 +50,7 @@ import torch.multiprocessing as mp
 from ..model import GPT
 from .batch import FlatBatch
 from .config import EngineConfig
+from .runner import build_runner
 
 START_TIMEOUT = 120.0                               # seconds for the workers to load, connect and capture
 STEP_TIMEOUT = datetime.timedelta(minutes=5)        # an all-reduce that waits longer fails
@@ -130,12 +131,9 @@ class Collectives:
             self.data = dist.ProcessGroupNCCL(dist.PrefixStore("data", store), rank, world, options)
         else:
             self.data = dist.ProcessGroupGloo(dist.PrefixStore("data", store), rank, world, STEP_TIMEOUT)
-        self.fault = False                  # a worker told to fail (FAULT): its next all-reduce raises
 
     def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum ``partial`` over the ranks, in place; every rank gets the sum."""
-        if self.fault:
-            raise RuntimeError(f"fault injected on rank {self.rank} (TensorParallelGroup.inject_fault)")
         dist.all_reduce(partial, group=self.data)
         return partial
 
@@ -181,8 +179,6 @@ def worker_main(rank: int, port: int, weights: torch.Tensor, layout, model_confi
                 num_kv_blocks: int, pipe, parent_pid: int, num_threads: int) -> None:
     """Rank ``rank`` (>= 1): build its shard, then run every step rank 0 broadcasts until STOP.
     Reports ``("loaded",)``, ``("ready",)`` or ``("error", traceback)`` through ``pipe``."""
-    from .runner import build_runner
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # a Ctrl-C is rank 0's to handle
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     collectives = None
@@ -200,14 +196,17 @@ def worker_main(rank: int, port: int, weights: torch.Tensor, layout, model_confi
         collectives = Collectives(store, rank, config.tensor_parallel_size, device)
         runner = build_runner(model, config, num_kv_blocks, tp=collectives)
         pipe.send(("ready",))
+        fault = False                                       # told to fail its next step (FAULT, for tests)
         while True:
-            command, flat = collectives.receive()
+            command, payload = collectives.receive()
             if command == STOP:
                 break
             if command == FAULT:
-                collectives.fault = flat == rank
+                fault = payload == rank
             elif command == STEP:
-                runner.execute(flat)
+                if fault:                                   # rank 0 waits for us in the step's first all-reduce
+                    raise RuntimeError(f"fault injected on rank {rank} (TensorParallelGroup.inject_fault)")
+                runner.execute(payload)
                 if device.type == "cuda":
                     torch.cuda.synchronize()               # a failure in this step surfaces in this step
     except BaseException:
@@ -235,8 +234,6 @@ class TensorParallelGroup:
     ``runner`` is rank 0's own :class:`~course_lib.engine.runner.ModelRunner` (its shard)."""
 
     def __init__(self, model: GPT, config: EngineConfig, num_kv_blocks: int):
-        from .runner import build_runner
-
         world = config.tensor_parallel_size
         self.rank, self.world_size = 0, world
         self.failure: str | None = None
