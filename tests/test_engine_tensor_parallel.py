@@ -189,6 +189,42 @@ def test_an_exception_in_a_worker_is_a_clear_error_on_rank_0_and_stops_the_engin
         llm.generate("def ")
 
 
+def test_an_exception_on_rank_0_mid_forward_stops_the_workers(monkeypatch):
+    from course_lib.engine.attention import TorchAttention
+
+    llm = LLM("tiny", device="cpu", tensor_parallel_size=2)
+    pids = llm.engine.tp.pids
+
+    def broken(self, *args):          # rank 0 only: the workers wait in an all-reduce it never reaches
+        raise RuntimeError("broken attention")
+
+    monkeypatch.setattr(TorchAttention, "forward", broken)
+    t0 = time.monotonic()
+    with pytest.raises(TensorParallelError, match="rank 0 raised RuntimeError\\('broken attention'\\)"):
+        llm.generate("def ")
+    assert time.monotonic() - t0 < 20 and _wait_gone(pids) == []
+
+
+def test_an_exception_after_the_forward_rolls_back_and_the_ranks_go_on(pair, monkeypatch):
+    """Sampling runs on rank 0 after every rank has finished the forward: the ranks stay in step."""
+    from course_lib.engine import engine as engine_module
+
+    one, two = pair
+    real, calls = engine_module.sample, []
+
+    def sample_once_broken(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("sampler failed")
+        return real(*args)
+
+    monkeypatch.setattr(engine_module, "sample", sample_once_broken)
+    p = SamplingParams(max_tokens=10, ignore_eos=True)
+    with pytest.raises(RuntimeError, match="sampler failed"):
+        two.generate("def ", p)
+    assert two.generate("def ", p)[0].token_ids == one.generate("def ", p)[0].token_ids
+
+
 def test_a_worker_killed_between_steps_is_a_clear_error():
     llm = LLM("tiny", device="cpu", tensor_parallel_size=2)
     pid = llm.engine.tp.pids[0]

@@ -120,7 +120,7 @@ class LLM:
 
     def shutdown(self) -> None:
         """Stop the engine's tensor-parallel worker processes (also done at garbage collection and
-        at exit; nothing to do with one rank). The LLM generates no more afterwards."""
+        at exit); later steps then raise. With one rank there is nothing to stop."""
         with self._step_lock:
             self.engine.shutdown()
 
