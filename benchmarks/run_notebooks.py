@@ -15,7 +15,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError, CellTimeoutError
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
 
 def main() -> int:
@@ -33,6 +33,7 @@ def main() -> int:
 
         def on_start(cell, cell_index, **_):
             started[cell_index] = time.perf_counter()
+            print(f"  {path.name} cell {cell_index} starts", flush=True)
 
         def on_complete(cell, cell_index, **_):
             secs = time.perf_counter() - started.get(cell_index, time.perf_counter())
@@ -46,7 +47,7 @@ def main() -> int:
         try:
             client.execute()
             status = "ok"
-        except (CellExecutionError, CellTimeoutError) as e:
+        except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
             status = "FAILED: " + str(e).strip().splitlines()[-1][:300]
             failed += 1
         nbformat.write(nb, out / path.name)

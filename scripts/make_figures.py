@@ -28,6 +28,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from course_lib import parallel, perf  # noqa: E402
 from course_lib.data import load_corpus, split_documents  # noqa: E402
 from course_lib.model import Trace  # noqa: E402
 from course_lib.tiny import load_tiny, training_record  # noqa: E402
@@ -37,8 +38,10 @@ from course_lib.viz import engine as ve  # noqa: E402
 from course_lib.viz.embeddings import embedding_figure, position_similarity_figure  # noqa: E402
 from course_lib.viz.heads import best_head, head_scores_figure, layer_weights, measure_heads, newline_ids  # noqa: E402
 from course_lib.tiled import online_softmax_steps, split_kv_decode, tiled_causal_attention  # noqa: E402
+from course_lib.viz.parallel import schedule_figure, schedules_figure, tp_sharding_figure, tp_split_figure  # noqa: E402
 from course_lib.viz.tiles import OnlineSoftmaxFigure, draw_tile_grid, plot_skipped_fraction, plot_split_kv  # noqa: E402
 from course_lib.viz.training import record_figure  # noqa: E402
+from course_lib.widgets.parallel import pipeline_figure, pipeline_view  # noqa: E402
 from course_lib.widgets.attention import attention_figure, attention_steps, attention_views  # noqa: E402
 
 FIGURES = ROOT / "figures"
@@ -222,6 +225,52 @@ def fig_engine_static_vs_continuous():
         ax.set_xlim(-0.5, len(static.snapshots) - 0.5)
     fig.tight_layout()
     return fig
+
+
+def fig_tp_sharding():
+    c = tiny()[0].config
+    return tp_sharding_figure(c.n_head, 2)
+
+
+def fig_pipeline_bubble_ideal():
+    return pipeline_figure(pipeline_view(4, 8))
+
+
+def _wide_spec():
+    return parallel.ModelSpec.random(perf.bench_config("cpu"), seed=0)
+
+
+def fig_tp_compute_vs_allreduce():
+    """Tensor parallel over 2 CPU processes (gloo): compute vs all-reduce, tiny model and a wider one."""
+    torch.set_num_threads(1)
+    model, tok = tiny()
+    ids = torch.tensor([tok.encode(PROMPT)])
+    lengths = (16, 64, 128)
+    narrow = parallel.run_tensor_parallel(parallel.ModelSpec.tiny(), ids, n_new=0, timing_lengths=lengths,
+                                          allreduce_sizes=(4096, 4 << 20))
+    wide = parallel.run_tensor_parallel(_wide_spec(), ids[:, :8], n_new=0, timing_lengths=lengths)
+    timings = {f"D={model.config.n_embd}": narrow[0]["timing"], f"D={perf.bench_config('cpu').n_embd}": wide[0]["timing"]}
+    return tp_split_figure(timings, narrow[0]["allreduce_bench"] + wide[0]["allreduce_bench"])
+
+
+def fig_pipeline_schedule_measured():
+    """Measured on this machine's CPU: two worker processes over gloo (a few seconds)."""
+    torch.set_num_threads(1)
+    batch = perf.random_ids(perf.bench_config("cpu"), 8, 32)
+    runs = parallel.run_pipeline(_wide_spec(), batch, micro_counts=(1, 2, 4, 8), repeats=4)
+    fig = schedules_figure(runs, 2, ideal=parallel.ideal_bubble)
+    fig.suptitle(f"pipeline of 2 CPU processes (gloo), batch of 8 × 32 tokens; {perf.device_name('cpu')}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def fig_chunk_pipeline_measured():
+    """One prompt of 256 tokens in 4 chunks over 2 stage processes, measured on this machine's CPU."""
+    torch.set_num_threads(1)
+    ids = perf.random_ids(perf.bench_config("cpu"), 1, 256)
+    out = parallel.run_chunk_pipeline(_wide_spec(), ids, n_chunks=4, repeats=3)
+    return schedule_figure(out["intervals"], 2, item="chunk",
+                           title="one prompt of 256 tokens in 4 chunks: stage 1 works on chunk c while stage 0 works on c + 1")
 
 
 FIGURE_FUNCTIONS = {name[4:]: fn for name, fn in sorted(globals().items()) if name.startswith("fig_")}

@@ -30,10 +30,10 @@ def kv_bytes_per_block(config: GPTConfig, block_size: int, dtype: torch.dtype) -
 
 
 def plan_num_blocks(model: GPTConfig, cfg: EngineConfig) -> int:
-    """Usable blocks of the pool for a resolved config: ``num_kv_blocks`` if given; on CPU enough
-    for ``max_num_seqs`` full-context requests, capped at 256 MiB; on CUDA what
-    ``gpu_memory_fraction`` (default 0.9) of the GPU leaves after the weights and one step's
-    activations."""
+    """Usable blocks of the pool for a resolved config: ``num_kv_blocks`` if given; else enough for
+    ``max_num_seqs`` full-context requests — capped at 256 MiB on CPU, and on CUDA only where that
+    fits in free memory — or on CUDA what ``gpu_memory_fraction`` (default 0.9) of the GPU leaves
+    after the weights and one step's activations (always, when the fraction is given)."""
     per_block = kv_bytes_per_block(model, cfg.block_size, cfg.dtype) // cfg.tensor_parallel_size   # this rank's heads
     if cfg.num_kv_blocks is not None:
         need, room = (cfg.num_kv_blocks + 1) * per_block, memory_available(cfg.device)
@@ -42,8 +42,8 @@ def plan_num_blocks(model: GPTConfig, cfg: EngineConfig) -> int:
                               f"({per_block:,} bytes a block) but this {cfg.device.type} has "
                               f"{room / 2**30:.1f} GiB available; ask for at most {max(1, room // per_block - 1)}")
         return cfg.num_kv_blocks
+    full = cfg.max_num_seqs * math.ceil(model.n_positions / cfg.block_size)   # every request at full context
     if cfg.device.type != "cuda":
-        full = cfg.max_num_seqs * math.ceil(model.n_positions / cfg.block_size)
         return max(1, min(full, CPU_DEFAULT_KV_BYTES // per_block))
     fraction = 0.9 if cfg.gpu_memory_fraction is None else cfg.gpu_memory_fraction
     gc.collect()                       # engines dropped but still in reference cycles give memory back
@@ -53,6 +53,8 @@ def plan_num_blocks(model: GPTConfig, cfg: EngineConfig) -> int:
     # room for one step's activations: the widest tensors are the MLP hidden and the logits
     activations = (cfg.max_num_batched_tokens * (model.mlp_dim + 6 * model.n_embd) * elem * 4
                    + cfg.max_num_seqs * model.vocab_size * 4 * 4 + 512 * 2**20)
+    if cfg.gpu_memory_fraction is None and (full + 1) * per_block + activations < free:
+        return full                    # no more than can ever be used: other engines in this process keep room
     blocks = int((fraction * total - (total - free) - activations) // per_block)
     if blocks < 1:
         raise ConfigError(f"gpu_memory_fraction={fraction} leaves no memory for the KV cache "
