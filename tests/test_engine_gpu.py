@@ -7,6 +7,9 @@ where one does not, at the first difference each engine's token is in the other'
 close log-probabilities (after a difference the continuations legitimately part).
 """
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -235,3 +238,43 @@ def test_gpu_config_errors(ckpt):
     llm = LLM(ckpt, device="cuda", attention="torch", num_kv_blocks=64)     # the torch path runs eagerly on CUDA
     assert llm.engine.runner.step_graphs is None
     assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3))[0].token_ids) == 3
+
+
+# ---------------------------------------------------------------------- tensor parallel over NCCL
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_gpu_tensor_parallel_two_gpus_fp32_equals_one_and_bf16_matches_transformers(ckpt):
+    """Two ranks on cuda:0 and cuda:1, NCCL all-reduces inside the whole-step CUDA graphs.
+    fp32: the tokens of one GPU for every prompt but at most one, and that one parts at a near tie
+    (the all-reduce adds the two halves of each sum in another order); bf16: the rule above
+    against transformers."""
+    prompts = _prompts(seed=7)
+    options = dict(device="cuda", block_size=16, max_num_batched_tokens=512, max_num_seqs=16, num_kv_blocks=1024)
+    one = _engine(LLM(ckpt, dtype="float32", **options), prompts, MAX_TOKENS)
+    two = LLM(ckpt, dtype="float32", tensor_parallel_size=2, **options)
+    assert two.engine.runner.step_graphs is not None and two.engine.kv_cache.num_heads == CONFIG["n_head"] // 2
+    pids = two.engine.tp.pids
+    assert _check_close(_engine(two, prompts, MAX_TOKENS), one, atol=1e-3) >= len(prompts) - 1
+    two.shutdown()
+    for pid in pids:                                              # the worker has ended
+        with pytest.raises(ProcessLookupError):
+            for _ in range(100):
+                os.kill(pid, 0)
+                time.sleep(0.1)
+    bf16 = LLM(ckpt, dtype="bfloat16", tensor_parallel_size=2, **options)
+    ours = _engine(bf16, prompts, MAX_TOKENS)
+    bf16.shutdown()
+    identical = _check_close(ours, _hf(ckpt, torch.bfloat16, prompts, MAX_TOKENS), atol=0.25)
+    assert identical > len(prompts) // 2, f"only {identical} of {len(prompts)} prompts identical"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_gpu_tensor_parallel_worker_fault_is_a_clear_error(ckpt):
+    from course_lib.engine.tensor_parallel import TensorParallelError
+
+    llm = LLM(ckpt, device="cuda", dtype="bfloat16", tensor_parallel_size=2, max_num_batched_tokens=256,
+              num_kv_blocks=256)
+    llm.engine.tp.inject_fault(1)
+    t0 = time.monotonic()
+    with pytest.raises(TensorParallelError, match="fault injected on rank 1"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3))
+    assert time.monotonic() - t0 < 60

@@ -8,7 +8,8 @@ step's flat batch) → ``runner.py`` (the batch through the weights; whole-step 
 ``step_graphs.py``) → ``attention.py`` (batched SDPA, or the unified Triton kernel of
 ``triton_unified.py`` + ``attention_tiles.py``, over the paged ``kv_cache.py``) → ``sampler.py``.
 Around them: ``config.py`` (:class:`EngineConfig`, every setting), ``sequence.py`` (requests and
-their checks), ``metrics.py`` (ledger, MFU/MBU, TTFT/TPOT) and ``snapshot.py`` (the glass box).
+their checks), ``metrics.py`` (ledger, MFU/MBU, TTFT/TPOT), ``snapshot.py`` (the glass box) and
+``tensor_parallel.py`` (``tensor_parallel_size=N``: the same forward split by heads over N processes).
 Introduced in notebooks/11_inside_an_engine.ipynb.
 """
 

@@ -3,6 +3,7 @@
     python -m course_lib.engine generate --model tiny --prompt "def " --max-tokens 20
     python -m course_lib.engine generate --model path/to/checkpoint --prompt-ids 464,3290 --max-tokens 20
     python -m course_lib.engine bench --model gpt2 --workloads prefill,decode,serving
+    python -m course_lib.engine generate --model tiny --prompt "def " --tensor-parallel-size 2
 
 Both take the engine's settings (:class:`~course_lib.engine.config.EngineConfig`) as flags.
 ``bench`` measures this engine alone (``--model`` = a shape name with random weights:
@@ -69,6 +70,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
     g.add_argument("--attention", choices=["torch", "triton"], default=None)
     g.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto")
+    g.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="ranks (processes; GPUs on CUDA) the heads and MLP columns are split over")
 
 
 def engine_config(args):
@@ -79,7 +82,8 @@ def engine_config(args):
                         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                         enable_chunked_prefill=args.enable_chunked_prefill,
                         enable_prefix_caching=args.enable_prefix_caching, attention=args.attention,
-                        cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
+                        cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
+                        tensor_parallel_size=args.tensor_parallel_size)
 
 
 def cmd_generate(args) -> int:

@@ -50,7 +50,7 @@ class FlatBatch:
 
     @property
     def num_seqs(self) -> int:
-        return len(self.seqs)
+        return len(self.context_lens)
 
     @property
     def query_lens(self) -> np.ndarray:

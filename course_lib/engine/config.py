@@ -69,6 +69,8 @@ class EngineConfig:
       the CUDA default); ``cuda_graphs``: replay each step as a captured CUDA graph (CUDA + triton).
     * ``snapshot``: record every step for the glass box (snapshot.py).
     * ``peak_flops``, ``peak_bandwidth``: measured ceilings (FLOP/s, bytes/s) for the ledger's MFU/MBU.
+    * ``tensor_parallel_size``: ranks the weights and the KV cache are split over by heads and MLP
+      columns (tensor_parallel.py): one process per rank, one GPU each on CUDA, gloo on CPU.
     """
 
     device: str | torch.device | None = None
@@ -85,9 +87,11 @@ class EngineConfig:
     snapshot: bool = False
     peak_flops: float | None = None
     peak_bandwidth: float | None = None
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         _positive_int("block_size", self.block_size, optional=False)
+        _positive_int("tensor_parallel_size", self.tensor_parallel_size, optional=False)
         _positive_int("num_kv_blocks", self.num_kv_blocks)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive_int("max_num_seqs", self.max_num_seqs)
@@ -138,10 +142,28 @@ class EngineConfig:
                               "(the torch path reads host-side lengths); use attention='triton' or cuda_graphs=False")
         if self.gpu_memory_fraction is not None and not cuda:
             raise ConfigError("gpu_memory_fraction needs a CUDA device; on CPU pass num_kv_blocks")
+        check_tensor_parallel(self.tensor_parallel_size, model, device)
         max_num_seqs = self.max_num_seqs or (256 if cuda else 64)
         budget = self.max_num_batched_tokens or max(8192 if cuda else 2048, model.n_positions)
         return dataclasses.replace(self, device=device, dtype=dtype, attention=attention, cuda_graphs=cuda_graphs,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+
+
+def check_tensor_parallel(size: int, model: GPTConfig, device: torch.device) -> None:
+    """``size`` ranks must split the heads and the MLP width evenly; on CUDA each rank needs a GPU."""
+    if size == 1:
+        return
+    if model.n_head % size or model.mlp_dim % size:
+        divisors = [n for n in range(1, model.n_head + 1) if model.n_head % n == 0 and model.mlp_dim % n == 0]
+        raise ConfigError(f"tensor_parallel_size={size} must divide the model's {model.n_head} heads and its MLP "
+                          f"width {model.mlp_dim} (each rank holds whole heads); choose one of {divisors}")
+    if device.type == "cuda":
+        if size > torch.cuda.device_count():
+            raise ConfigError(f"tensor_parallel_size={size} needs {size} CUDA GPUs (one a rank) but "
+                              f"{torch.cuda.device_count()} are visible; lower it, or run on CPU (gloo)")
+        if device.index not in (None, 0):
+            raise ConfigError(f"with tensor_parallel_size={size} the ranks use cuda:0..cuda:{size - 1}; "
+                              f"give device='cuda', not {str(device)!r} (use CUDA_VISIBLE_DEVICES to pick GPUs)")
 
 
 def resolve_device(device) -> torch.device:

@@ -9,22 +9,21 @@ decode are the same step at different shapes.
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import threading
 import time
+import weakref
 
 import torch
 
 from ..errors import ConfigError
 from ..model import GPT
-from .attention import make_attention
 from .batch import build_flat_batch
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .kv_cache import PagedKVCache, plan_num_blocks
+from .kv_cache import plan_num_blocks
 from .metrics import Ledger
-from .runner import ModelRunner
+from .runner import build_runner
 from .sampler import sample
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence, check_request
@@ -42,22 +41,27 @@ class LLMEngine:
         self.config = config = config.resolve(cfg)
         self.num_kv_blocks = plan_num_blocks(cfg, config)
         self.device, self.dtype = config.device, config.dtype
-        cuda = self.device.type == "cuda"
-        self.kv_cache = PagedKVCache(cfg, self.num_kv_blocks, config.block_size, config.dtype, config.device,
-                                     triton_write=cuda and config.attention == "triton")
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs,
                                    config.enable_chunked_prefill)
-        self.runner = ModelRunner(model, self.kv_cache, make_attention(config.attention))
+        self.tp = None                   # the other ranks (tensor_parallel.py), with tensor_parallel_size > 1
+        if config.tensor_parallel_size > 1:
+            from .tensor_parallel import TensorParallelGroup
+
+            self.tp = TensorParallelGroup(model, config, self.num_kv_blocks)   # starts ranks 1..N-1
+            weakref.finalize(self, self.tp.shutdown)                          # on garbage collection and exit
+            self.runner = self.tp.runner                                       # rank 0's shard
+        else:
+            self.runner = build_runner(model, config, self.num_kv_blocks)
+        self.kv_cache = self.runner.kv
         self.ledger = Ledger(cfg, self.kv_cache.pool.element_size(), config.peak_flops, config.peak_bandwidth)
         self.snapshots: list[StepSnapshot] | None = [] if config.snapshot else None
         self.num_steps = 0
-        if config.cuda_graphs:
-            from .step_graphs import StepGraphs
 
-            self.runner.step_graphs = StepGraphs(self.runner, config.max_num_batched_tokens, config.max_num_seqs,
-                                                 math.ceil(cfg.n_positions / config.block_size))
-            self.runner.step_graphs.capture()
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (nothing to do with one rank); later steps raise."""
+        if self.tp is not None:
+            self.tp.shutdown()
 
     # ------------------------------------------------------------------ requests
     def check_request(self, prompt_token_ids, params: SamplingParams) -> list[int]:
@@ -93,7 +97,10 @@ class LLMEngine:
         in between — an interrupt or out-of-memory error in the forward pass, a failure while
         sampling — sends the step's requests back to the front of the queue with no blocks, and
         forgets the prefix-cache names of blocks whose K/V were never written. The next step
-        recomputes them, exactly."""
+        recomputes them, exactly. With tensor parallelism a Ctrl-C also waits for the forward to end
+        on every rank; a failed rank stops the engine (tensor_parallel.py)."""
+        if self.tp is not None:
+            self.tp.check_usable()
         t0 = time.perf_counter()
         sched, rng_states = None, []
         try:
@@ -107,7 +114,11 @@ class LLMEngine:
                 flat = build_flat_batch(sched.scheduled, self.config.block_size)
                 logit_seqs = [s.seq for s in flat.seqs if s.needs_logits]
                 rng_states = [(seq, seq.generator.get_state()) for seq in logit_seqs if seq.generator is not None]
-            logits = self.runner.execute(flat)                              # (R, V)
+            if self.tp is None:
+                logits = self.runner.execute(flat)                          # (R, V)
+            else:                             # every rank runs the step: a Ctrl-C waits for its end
+                with deferred_interrupts():
+                    logits = self.tp.execute(self.runner, flat)             # (R, V), from rank 0
             tokens, logprobs = sample(logits, logit_seqs)
         except BaseException:
             if sched is not None:

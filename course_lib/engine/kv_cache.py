@@ -34,7 +34,7 @@ def plan_num_blocks(model: GPTConfig, cfg: EngineConfig) -> int:
     ``max_num_seqs`` full-context requests — capped at 256 MiB on CPU, and on CUDA only where that
     fits in free memory — or on CUDA what ``gpu_memory_fraction`` (default 0.9) of the GPU leaves
     after the weights and one step's activations (always, when the fraction is given)."""
-    per_block = kv_bytes_per_block(model, cfg.block_size, cfg.dtype)
+    per_block = kv_bytes_per_block(model, cfg.block_size, cfg.dtype) // cfg.tensor_parallel_size   # this rank's heads
     if cfg.num_kv_blocks is not None:
         need, room = (cfg.num_kv_blocks + 1) * per_block, memory_available(cfg.device)
         if need > room:
@@ -73,11 +73,13 @@ def memory_available(device: torch.device) -> int:
 class PagedKVCache:
     def __init__(self, config: GPTConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 triton_write: bool = False):
+                 triton_write: bool = False, num_heads: int | None = None):
+        """``num_heads``: the heads this pool holds (a tensor-parallel rank's share; all by default)."""
         self.config = config
         self.num_blocks = num_blocks
         self.block_size = block_size
-        H, Dh = config.n_head, config.head_dim
+        self.num_heads = H = num_heads or config.n_head
+        Dh = config.head_dim
         # one allocation for the whole pool: (layer, K or V, block, slot in block, head, head dim)
         self.pool = torch.zeros(config.n_layer, 2, num_blocks + 1, block_size, H, Dh, dtype=dtype, device=device)
         self.k = [self.pool[layer, 0] for layer in range(config.n_layer)]   # each (blocks, bs, H, Dh)

@@ -119,6 +119,12 @@ class LLM:
         self._step_lock = threading.RLock()          # one step at a time, whoever drives it
         self._longest_token = None
 
+    def shutdown(self) -> None:
+        """Stop the engine's tensor-parallel worker processes (also done at garbage collection and
+        at exit); later steps then raise. With one rank there is nothing to stop."""
+        with self._step_lock:
+            self.engine.shutdown()
+
     @property
     def config(self):
         """The model's :class:`~course_lib.config.GPTConfig` (the engine's settings: ``llm.engine.config``)."""

@@ -6,6 +6,11 @@ embeddings → per layer LayerNorm, QKV, *write K/V into the pool*, attention, o
 MLP → final LayerNorm and the LM head on the logit rows only. Prefill rows and decode rows go
 through the same lines.
 
+With tensor parallelism (tensor_parallel.py) every rank runs this same forward on its shard of
+the weights — its heads, its MLP columns — and :meth:`ModelRunner.all_reduce` sums the partial
+outputs of the two row-split products (attention's output projection, the MLP's second matmul);
+with one rank it returns its input.
+
 Two ways to run a step, one forward: eagerly (CPU, or CUDA with ``cuda_graphs=False``), or by
 replaying the CUDA graph captured for the step's token-count bucket (step_graphs.py), which
 turns a step's hundreds of kernel launches into one.
@@ -13,6 +18,7 @@ turns a step's hundreds of kernel launches into one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from ..model import GPT, gelu
+from .attention import make_attention
 from .batch import FlatBatch
+from .config import EngineConfig
 from .kv_cache import PagedKVCache
 
 
@@ -47,7 +55,9 @@ def to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, 
 
 
 class ModelRunner:
-    def __init__(self, model: GPT, kv_cache: PagedKVCache, attention):
+    def __init__(self, model: GPT, kv_cache: PagedKVCache, attention, tp=None):
+        """``model``: the GPT, or this rank's shard of it; ``tp``: the rank's
+        :class:`~course_lib.engine.tensor_parallel.Collectives` (None: one rank)."""
         self.model = model
         self.config = model.config
         self.kv = kv_cache
@@ -57,6 +67,7 @@ class ModelRunner:
         # rounded differently only in the last bit, and twice as fast
         self.fused_gelu = model.config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
         self.step_graphs = None        # StepGraphs once captured (step_graphs.py)
+        self.tp = tp
 
     def execute(self, flat: FlatBatch) -> torch.Tensor:
         """Logits ``(R, V)`` of the batch's logit rows; every new token's K/V written to the pool."""
@@ -71,6 +82,10 @@ class ModelRunner:
                             views["logits_indices"], meta)
         return self.forward(batch)
 
+    def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of a row-split product's partial output (N, D); itself with one rank."""
+        return partial if self.tp is None else self.tp.all_reduce(partial)
+
     def mlp(self, block, h: torch.Tensor) -> torch.Tensor:
         if self.fused_gelu:
             return block.mlp.c_proj(F.gelu(block.mlp.c_fc(h), approximate="tanh"))
@@ -82,17 +97,37 @@ class ModelRunner:
         ``logits_out`` (R, V): write them there (the step graphs share one logits buffer)."""
         tr = self.model.transformer
         N = b.input_ids.shape[0]
-        D, H = self.config.n_embd, self.config.n_head
+        H, Dh = self.kv.num_heads, self.config.head_dim               # this rank's heads (all, with one rank)
         x = tr.wte(b.input_ids) + tr.wpe(b.positions)                 # (N, D)
         for layer, block in enumerate(tr.h):
             h = block.ln_1(x)
-            q, k, v = block.attn.c_attn(h).split(D, dim=-1)            # 3 x (N, D)
-            q, k, v = (t.view(N, H, D // H) for t in (q, k, v))        # (N, H, Dh)
+            q, k, v = block.attn.c_attn(h).split(H * Dh, dim=-1)       # 3 x (N, H * Dh)
+            q, k, v = (t.view(N, H, Dh) for t in (q, k, v))            # (N, H, Dh)
             self.kv.write(layer, k, v, b.slot_mapping)
             o = self.attention.forward(q, k, v, self.kv, layer, b.attention)   # (N, H, Dh)
-            x = x + block.attn.c_proj(o.reshape(N, D))
-            x = x + self.mlp(block, block.ln_2(x))
+            x = x + self.all_reduce(block.attn.c_proj(o.reshape(N, H * Dh)))   # (N, D) summed over ranks
+            x = x + self.all_reduce(self.mlp(block, block.ln_2(x)))
         x = tr.ln_f(x[b.logits_indices])                               # (R, D): only rows that sample
         if logits_out is not None:
             return torch.mm(x, self.model.lm_head.weight.t(), out=logits_out)   # (R, V)
         return self.model.lm_head(x)                                   # (R, V)
+
+
+def build_runner(model: GPT, config: EngineConfig, num_kv_blocks: int, tp=None) -> ModelRunner:
+    """One rank's KV pool, attention path and runner for a resolved config; its CUDA graphs captured
+    when they are on. ``model``: the whole GPT, or with ``tp`` (tensor_parallel.Collectives) this
+    rank's shard, whose pool then holds this rank's heads only. Every rank builds the same way, so
+    the captures' warm-up steps meet in the same all-reduces."""
+    cfg = model.config
+    device = model.transformer.wte.weight.device                   # a worker's own GPU
+    kv = PagedKVCache(cfg, num_kv_blocks, config.block_size, config.dtype, device,
+                      triton_write=device.type == "cuda" and config.attention == "triton",
+                      num_heads=cfg.n_head // config.tensor_parallel_size)
+    runner = ModelRunner(model, kv, make_attention(config.attention), tp)
+    if config.cuda_graphs:
+        from .step_graphs import StepGraphs
+
+        runner.step_graphs = StepGraphs(runner, config.max_num_batched_tokens, config.max_num_seqs,
+                                        math.ceil(cfg.n_positions / config.block_size))
+        runner.step_graphs.capture()
+    return runner
