@@ -133,7 +133,7 @@ def validation_message(err: ValidationError) -> tuple[str, str | None]:
         return f"prompt must be {_PROMPT_TYPES}", param
     if param == "stop":
         return "stop must be a string or a list of strings (token ids go in stop_token_ids)", param
-    where = ".".join(x for x in loc if not x.startswith(("list[", "dict[", "str", "int")))
+    where = ".".join(x for x in loc if "[" not in x and x not in ("str", "int", "float", "bool"))   # union tags out
     got = e.get("input")
     shown = json.dumps(got) if isinstance(got, (int, float, str, bool, type(None))) else type(got).__name__
     return f"{where}: {e['msg'].lower()}, got {shown}", param
@@ -781,6 +781,8 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str = "tin
     print(f"serving {model_name!r} on http://{host}:{sock.getsockname()[1]}/v1 (Ctrl-C stops)", flush=True)
     try:
         uvicorn_server(app, log_level, shutdown_timeout).run(sockets=[sock])
+    except KeyboardInterrupt:        # uvicorn raises the Ctrl-C again once it has shut down gracefully
+        pass
     finally:
         sock.close()
 
