@@ -228,6 +228,21 @@ def test_models_health_and_metrics(client, server):
     assert ("course_preemptions_total", ()) in after
 
 
+def test_small_responses_are_not_held_back_by_nagle(server):
+    """With Nagle's algorithm on, a response written in two pieces waits for the client's delayed
+    ACK (~40 ms on Linux); the server's sockets turn it off, so a keep-alive request takes ~1 ms."""
+    with httpx.Client(timeout=10) as http:
+        http.get(server.url + "/health")
+        best = min(_timed(lambda: http.get(server.url + "/health")) for _ in range(5))
+    assert best < 0.02, f"/health took {best * 1e3:.0f} ms at best"
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 # ---------------------------------------------------------------------------------------------- many clients
 def test_100_concurrent_streams_each_get_their_own_tokens(server, ref):
     rng = random.Random(0)
@@ -487,3 +502,20 @@ def test_serve_command_bad_flags_are_one_line_errors(capsys):
 def test_create_app_refuses_a_bad_bound():
     with pytest.raises(CourseError, match="max_pending must be a positive integer"):
         create_app(object(), max_pending=0)
+
+
+def test_bench_server_smoke_writes_results(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "benchmarks/bench_server.py", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (path,) = tmp_path.glob("*_server_*_smoke.json")
+    data = json.loads(path.read_text())
+    assert [run["concurrency"] for run in data["runs"]] == [1, 4]
+    for run in data["runs"]:
+        assert run["requests_per_s"] > 0 and run["output_tokens_per_s"] == pytest.approx(
+            run["requests_per_s"] * data["settings"]["max_tokens"])
+        assert run["ttft_p50_ms"] <= run["ttft_p90_ms"] <= run["ttft_p99_ms"]
+        assert run["server_ttft_mean_ms"] > 0 and run["server_itl_mean_ms"] > 0
+    assert path.with_suffix(".md").exists() and path.with_suffix(".png").exists()
+    assert "| clients | requests |" in r.stdout

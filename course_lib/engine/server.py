@@ -707,7 +707,9 @@ async def _abort_on_disconnect(request, worker: EngineWorker, sreq: ServerReques
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket (``port=0``: a free one), or :class:`CourseError` saying why not."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets that say
+    # they are TCP, and with it on every small streamed chunk waits ~40 ms for the client's delayed ACK
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -723,8 +725,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def uvicorn_server(app, log_level: str = "info", shutdown_timeout: float | None = None):
     import uvicorn
 
+    # keep idle connections longer than clients' pools do (httpx: 5 s, uvicorn's default is also 5 s): a
+    # server that closes first races a client reusing the connection, which then sees a reset
     return uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout,
-                                         lifespan="on", access_log=log_level == "debug"))
+                                         timeout_keep_alive=65, lifespan="on", access_log=log_level == "debug"))
 
 
 class ServerThread:
