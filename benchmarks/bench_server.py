@@ -162,7 +162,8 @@ def markdown(result) -> str:
     for r in result["runs"]:
         lines.append(f"| {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.2f} | "
                      f"{r['output_tokens_per_s']:.0f} | {r['ttft_p50_ms']:.1f} / {r['ttft_p90_ms']:.1f} / "
-                     f"{r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.1f} / {r['itl_p90_ms']:.1f} / {r['itl_p99_ms']:.1f} | "
+                     f"{r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.1f} / {r['itl_p90_ms']:.1f} / "
+                     f"{r['itl_p99_ms']:.1f} | "
                      f"{r['server_ttft_mean_ms']:.1f} / {r['server_itl_mean_ms']:.1f} | {r['preemptions']} |")
     lines += ["", "TTFT and ITL percentiles are measured at the client (chunk arrival); the server's means come "
               "from its /metrics histograms (engine token times). ITL p50 of 0 means chunks arrived together: "
