@@ -1,11 +1,12 @@
-"""Command line: generate text, or benchmark the engine.
+"""Command line: generate text, benchmark the engine, or serve it over HTTP.
 
     python -m course_lib.engine generate --model tiny --prompt "def " --max-tokens 20
     python -m course_lib.engine generate --model path/to/checkpoint --prompt-ids 464,3290 --max-tokens 20
     python -m course_lib.engine bench --model gpt2 --workloads prefill,decode,serving
     python -m course_lib.engine generate --model tiny --prompt "def " --tensor-parallel-size 2
+    python -m course_lib.engine serve --model tiny --port 8000     # OpenAI-compatible, server.py
 
-Both take the engine's settings (:class:`~course_lib.engine.config.EngineConfig`) as flags.
+All take the engine's settings (:class:`~course_lib.engine.config.EngineConfig`) as flags.
 ``bench`` measures this engine alone (``--model`` = a shape name with random weights:
 gpt2, gpt2-xl, smoke; or a checkpoint directory, or tiny); benchmarks/bench_engine.py puts it
 beside HF transformers. Every bad flag ends in a one-line ``error: ...`` and exit status 2.
@@ -148,6 +149,35 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0..65535; 0 picks a free one)")
+    return port
+
+
+def cmd_serve(args) -> int:
+    try:
+        from . import server
+    except ImportError as e:
+        raise CourseError(f"the server needs fastapi, uvicorn and prometheus-client ({e}); "
+                          "pip install -r requirements.txt") from None
+    from pathlib import Path
+
+    from .llm import LLM
+
+    sock = server.bind_socket(args.host, args.port)      # a taken port is a one-line error before loading
+    sock.close()
+    llm = LLM(args.model, config=engine_config(args))
+    name = args.served_model_name or (args.model if args.model == "tiny" else Path(args.model).name)
+    server.serve(llm, args.host, args.port, model_name=name, max_pending=args.max_pending,
+                 log_level=args.log_level, shutdown_timeout=args.shutdown_timeout)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):           # one line and exit status 2, as argparse does, but no usage dump
         self.exit(2, f"error: {message} (see --help)\n")
@@ -182,9 +212,21 @@ def main(argv=None) -> int:
     b.add_argument("--serving-max-len", type=positive_int, default=1024)
     b.add_argument("--json", action="store_true")
 
+    s = sub.add_parser("serve", parents=[common], help="serve the OpenAI completions API over HTTP")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=port_number, default=8000)
+    s.add_argument("--served-model-name", default=None, help="the name clients pass as model (default: "
+                   "'tiny' or the checkpoint directory's name)")
+    s.add_argument("--max-pending", type=positive_int, default=256,
+                   help="prompts in the engine at once; more get 503 + Retry-After")
+    s.add_argument("--shutdown-timeout", type=float, default=None,
+                   help="seconds requests in flight get to finish on Ctrl-C/SIGTERM (default: no limit)")
+    s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+
     args = parser.parse_args(argv)
+    commands = {"generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve}
     try:
-        return cmd_generate(args) if args.command == "generate" else cmd_bench(args)
+        return commands[args.command](args)
     except CourseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -195,8 +195,9 @@ class LLM:
         each request's last one marked finished."""
         seqs: list[Sequence] = []
         try:
-            for ids, p in requests:                      # checked by _requests; all or none stay queued
-                seqs.append(self.engine.enqueue(ids, p))
+            with self._step_lock:                        # never while another thread steps the engine
+                for ids, p in requests:                  # checked by _requests; all or none stay queued
+                    seqs.append(self.engine.enqueue(ids, p))
             sent = [0] * len(seqs)
             while True:
                 for i, seq in enumerate(seqs):
