@@ -7,7 +7,11 @@ Layers, from the bottom up (each module's docstring names the notebook that intr
 * ``sampling``, ``train``, ``checkpoint``, ``tiny`` — sampling, training, safetensors files,
   the shipped tiny model
 * ``viz``, ``widgets``, ``perf`` — pictures, interactive views, and this machine's ceilings
-* ``engine`` — a prefill/decode engine: paged KV cache, continuous batching, chunked prefill
+* ``exercises`` — the notebooks' exercise checks, one module per notebook
+* ``tiled`` — FlashAttention's ideas in numpy: online softmax, causal tiles, split-KV decode, RoPE
+* ``parallel`` — tensor and pipeline parallelism over CPU processes with ``torch.distributed``
+* ``engine`` — a prefill/decode engine: paged KV cache, continuous batching, chunked prefill,
+  prefix cache, preemption, tensor parallel, an OpenAI-compatible server
 """
 
 from .config import GPTConfig
