@@ -18,12 +18,16 @@ from conftest import random_model  # noqa: E402
 
 from course_lib import GPT, GPTConfig  # noqa: E402
 from course_lib.viz.attention import heatmap, update_heatmap  # noqa: E402
+from course_lib.viz.graph import draw_layer_graph, layer_graph, update_layer_graph  # noqa: E402
+from course_lib.viz.ops import draw_op_bars, update_op_bars  # noqa: E402
 from course_lib.errors import InputError  # noqa: E402
 from course_lib.widgets import attention as wa  # noqa: E402
 from course_lib.widgets.block import BlockExplorer  # noqa: E402
 from course_lib.widgets.cache import build_cache_widget, record_decode  # noqa: E402
 from course_lib.widgets.embeddings import EmbeddingExplorer, embedding_summary  # noqa: E402
+from course_lib.widgets.graph import build_graph_widget, waits_for  # noqa: E402
 from course_lib.widgets.perf import build_timing_widget, timing_series  # noqa: E402
+from course_lib.widgets.prefill import attention_share, build_op_widget, op_rows  # noqa: E402
 from course_lib.widgets.training import LiveLossCurve  # noqa: E402
 
 PROMPT = "The for statement is used to iterate"
@@ -202,4 +206,79 @@ def test_update_heatmap_values_and_shapes():
     im2 = heatmap(ax, np.zeros((2, 5)), annotate=False)
     update_heatmap(im2, np.ones((4, 5)), row_labels=list("abcd"))
     assert im2.get_array().shape == (4, 5) and ax.get_ylim() == (3.5, -0.5)
+    plt.close(fig)
+
+
+def test_op_widget_updates_its_bars(model, tok, no_new_figures):
+    ids = tok.encode(PROMPT)
+    box = build_op_widget(model, ids)
+    n_tokens, layer = box.children[0].children
+    fig, png = box.fig, bytes(box.children[2].value)
+    h = fig.course_handles
+    widths = [b.get_width() for b in h["flops"]]
+    with no_new_figures:
+        n_tokens.value = 3
+        layer.value = 1
+    rows = op_rows(model, ids, 3, 1)
+    assert box.fig is fig and bytes(box.children[2].value) != png
+    assert [b.get_width() for b in h["flops"]] == [max(r.flops, 1) for r in rows] != widths
+    assert [b.get_width() for b in h["bytes"]] == [r.bytes for r in rows]
+    assert h["suptitle"].get_text().startswith("layer 1, prefill of T = 3 tokens")
+    assert f"{attention_share(rows):.3f}" in box.children[1].value
+    assert fig.get_layout_engine() is None               # one drawing pass per PNG, not two
+    with pytest.raises(InputError, match="n_tokens"):
+        op_rows(model, ids, len(ids) + 1)
+    with pytest.raises(InputError, match="other ops"):
+        update_op_bars(fig, rows[:-1], "x")
+
+
+def test_op_bars_static_figure_shows_the_table(model, tok):
+    rows = op_rows(model, tok.encode(PROMPT), 5)
+    fig = draw_op_bars(rows, "t")
+    assert [b.get_width() for b in fig.course_handles["bytes"]] == [r.bytes for r in rows]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [r.op for r in rows]
+    plt.close(fig)
+    with pytest.raises(InputError, match="at least one op"):
+        draw_op_bars([], "t")
+
+
+def faces(fig):
+    return {n: b.get_bbox_patch().get_facecolor() for n, b in fig.course_handles["boxes"].items()}
+
+
+def test_graph_widget_recolours_its_nodes(no_new_figures):
+    names = list("ABCD")
+    box = build_graph_widget(names, node=("ffn", 2), causal=True)
+    step, mask = box.children[0].children
+    fig, png = box.fig, bytes(box.children[2].value)
+    arrows = fig.course_handles["arrows"]
+    before = faces(fig)
+    orange = matplotlib.colors.to_rgba("tab:orange")
+    assert before[("x", 2)] == orange and before[("x", 3)] != orange       # C waits for x[C], not x[D]
+    hidden = [e for e, a in arrows.items() if not a.get_visible()]
+    assert (("k", 3), ("scores", 0)) in hidden                             # the mask removes D's key from A
+    with no_new_figures:
+        step.value = ("q", 3)
+    assert box.fig is fig and bytes(box.children[2].value) != png
+    after = faces(fig)
+    assert after != before and [n for n, f in after.items() if f == orange] == [("x", 3)]
+    assert "['D']" in box.children[1].value
+    with no_new_figures:
+        mask.value = False
+        step.value = ("ffn", 0)
+    assert all(a.get_visible() for a in arrows.values())                   # no mask: every arrow
+    assert {n for n, f in faces(fig).items() if f == orange} >= {("x", t) for t in range(4)}
+    assert waits_for(layer_graph(names, causal=False), ("ffn", 0)) == names
+    assert box.fig is fig
+
+
+def test_layer_graph_update_needs_the_arrows_of_the_unmasked_graph():
+    names = list("ABC")
+    fig = draw_layer_graph(layer_graph(names, causal=True))
+    with pytest.raises(InputError, match="arrows_of"):
+        update_layer_graph(fig, layer_graph(names, causal=False))
+    with pytest.raises(InputError, match="other tokens"):
+        update_layer_graph(fig, layer_graph(list("AB")))
+    with pytest.raises(InputError, match="highlight"):
+        update_layer_graph(fig, layer_graph(names), highlight=("ffn", 7))
     plt.close(fig)
