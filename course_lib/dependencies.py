@@ -68,7 +68,7 @@ def raw_score_rows_changed(model, ids, layer: int = 0, j: int | None = None) -> 
     """Rows of the raw (unmasked) scores that change when token ``j`` (default: last) moves.
 
     Every row changes, earlier ones included: row ``i < j`` holds ``q_i · k_j``, a score the
-    mask then discards. Computing it was wasted work (N5), and harmless (the masked row is
+    mask then discards. Computing it was wasted work, and harmless (the masked row is
     bit-identical).
     """
     ids = model.check_token_ids(ids)

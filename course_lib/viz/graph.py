@@ -4,7 +4,7 @@ Nodes are (stage, token) pairs; an edge ``a → b`` means ``b`` cannot be comput
 Edges that stay inside one token's column cost nothing to parallelise; edges that cross
 columns are the synchronisation points: the scores of token i need the keys of the other
 tokens, the weighted sum needs their values. Under the causal mask token i needs only tokens
-``j <= i`` (N4). The graph is built here from the attention rule, then
+``j <= i``. The graph is built here from the attention rule, then
 notebooks/09_parallel_and_sync.ipynb checks every edge against the live model by perturbation.
 """
 
@@ -64,7 +64,7 @@ class LayerGraph:
 def layer_graph(tokens, causal: bool = True) -> LayerGraph:
     """Build the graph of one layer for ``tokens`` (e.g. ``["A", "B", "C", "D"]``).
 
-    Without ``causal`` every query waits for every key (the seed article's description);
+    Without ``causal`` every query waits for every key (what a model without a mask, like BERT, needs);
     with it, query ``i`` waits for keys and values ``0..i`` only.
     """
     tokens = list(tokens)
