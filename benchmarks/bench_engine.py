@@ -3,7 +3,11 @@
 Measures, with the same random weights for every system:
 * ceilings: bf16 matmul 8192^3 (TFLOP/s) and a 1 GiB device-to-device copy (GB/s, read + write);
 * prefill tok/s and MFU (B = 1 and 8, T = 1024) and decode tok/s and MBU (B = 1 and 32, context
-  512) for transformers' ``generate`` (attn_implementation="sdpa") and for course_lib.engine;
+  512) for transformers' ``generate`` (attn_implementation="sdpa"), for course_lib.engine, and for
+  two plain-PyTorch peers (benchmarks/peers.py, the gpt-fast recipe: static KV cache, one CUDA
+  graph a decode step; "torch-graph" eager inside the graph, "torch-compile" compiled with
+  ``fullgraph=True`` first, its compile seconds recorded). Without CUDA the peers run eagerly.
+  Engine rows carry ``vs_transformers`` and ``vs_torch_compile`` (tok/s ratios);
 * a serving workload (256 requests, prompt and output lengths uniform in [100, 1024], seeded, EOS
   ignored) in output tok/s for transformers' continuous batching (``init_continuous_batching``,
   attn_implementation="paged|sdpa", per-request max_new_tokens) and for the engine.
@@ -41,6 +45,12 @@ from course_lib import checkpoint  # noqa: E402
 from course_lib.engine import LLM  # noqa: E402
 from course_lib import perf  # noqa: E402
 from course_lib.engine import benchmark as B  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from peers import StaticCacheGPT, compile_timed  # noqa: E402
+
+#: the plain-PyTorch peers (benchmarks/peers.py): CUDA graph per decode step, optionally compiled first
+PEERS = {"torch-graph": False, "torch-compile": True}
 
 
 def log(*a):
@@ -126,6 +136,39 @@ def hf_serving(model, prompts, output_lens, timeout_s) -> float:
     return produced / secs
 
 
+# ------------------------------------------------------------------ plain PyTorch, the gpt-fast recipe
+def peer_prefill(model, cfg, batch, T, compile, device, repeats=3) -> tuple[float, float, dict]:
+    """Best-of-``repeats`` seconds of one prefill of (batch, T) random prompts, compile seconds, mode."""
+    peer = StaticCacheGPT(model, batch, T + 1, compile=compile)
+    ids = torch.tensor(B.random_prompts(batch, T, cfg.vocab_size, seed=7), device=device)
+    compile_s = compile_timed(peer, ids)                                   # warm-up (and compilation)
+    best = float("inf")
+    for _ in range(repeats):
+        perf.synchronize(device)
+        t = time.perf_counter()
+        peer.prefill(ids)
+        perf.synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return best, compile_s if compile else None, {"compiled": compile, "cuda_graph": False}
+
+
+def peer_decode(model, cfg, batch, context, steps, compile, device) -> tuple[float, float, dict]:
+    """Seconds of ``steps`` decode steps after a prompt of ``context`` (best of 2), compile seconds, mode."""
+    peer = StaticCacheGPT(model, batch, context + steps + 2, compile=compile)
+    setup_s = peer.capture()                                               # compile, warm up, capture
+    ids = torch.tensor(B.random_prompts(batch, context, cfg.vocab_size, seed=8), device=device)
+    best = float("inf")
+    for _ in range(2):
+        peer.prefill(ids, compiled=False)                                  # fills the cache; not timed
+        perf.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            peer.step()
+        perf.synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return best, setup_s if compile else None, {"compiled": compile, "cuda_graph": peer.graphs}
+
+
 # ------------------------------------------------------------------ one model, every system
 def run_model(shape, args, device, dtype, peaks, runs):
     log(f"== {shape}: random weights")
@@ -196,6 +239,29 @@ def run_model(shape, args, device, dtype, peaks, runs):
                 record("hf-cb", "serving", args.num_requests, None, None, tps)
             attempt("hf-cb", "serving", args.num_requests, None, None, f)
 
+    for system, compiled in PEERS.items():
+        if system not in args.systems:
+            continue
+        compiled = compiled and device.type == "cuda"                     # on CPU the peers run eagerly
+        if "prefill" in args.workloads:
+            for b in args.prefill_batches:
+                def f(b=b):
+                    secs, compile_s, mode = peer_prefill(model, cfg, b, T, compiled, device)
+                    record(system, "prefill", b, T, T, b * T / secs, compile_s=compile_s, **mode,
+                           **B.formula_rates(cfg, "prefill", b, T, T, secs, 1, elem, peaks))
+                attempt(system, "prefill", b, T, T, f)
+                free_memory()
+        if "decode" in args.workloads:
+            for b in args.decode_batches:
+                def f(b=b):
+                    secs, compile_s, mode = peer_decode(model, cfg, b, ctx, args.decode_steps, compiled, device)
+                    record(system, "decode", b, ctx, ctx, b * args.decode_steps / secs, compile_s=compile_s, **mode,
+                           **B.formula_rates(cfg, "decode", b, ctx, ctx, secs, args.decode_steps, elem, peaks))
+                attempt(system, "decode", b, ctx, ctx, f)
+                free_memory()
+        if compiled:
+            torch._dynamo.reset()                                          # drop the compiled code and its graphs
+
     if "engine" in args.systems:
         t = time.perf_counter()
         llm = LLM(model, device=device, dtype=dtype, block_size=args.block_size,
@@ -229,17 +295,34 @@ def markdown(result) -> str:
     c = result["ceilings"]
     lines = [f"device: {result['device']} · torch {result['torch']} · transformers {result['transformers']}",
              f"ceilings: bf16 matmul {c['matmul_bf16_tflops']:.3g} TFLOP/s · copy {c['copy_gbps']:.0f} GB/s", "",
-             "| model | workload | batch | system | tokens/s | MFU | MBU | vs peer |", "|---|---|---|---|---|---|---|---|"]
+             "| model | workload | batch | system | tokens/s | MFU | MBU | compile s | engine vs transformers "
+             "| engine vs torch.compile |", "|---|---|---|---|---|---|---|---|---|---|"]
     pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"   # noqa: E731
-    peers = {(r["model"], r["workload"], r["batch"]): r["tokens_per_s"] for r in result["runs"]
-             if r["system"] in ("hf-generate", "hf-cb") and r["tokens_per_s"]}
+    ratio = lambda v: f"{v:.2f}x" if v else ""                    # noqa: E731
     for r in result["runs"]:
         tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else f"error: {r.get('error', '')[:60]}"
-        peer = peers.get((r["model"], r["workload"], r["batch"]))
-        ratio = f"{r['tokens_per_s'] / peer:.2f}x" if r["system"] == "engine" and peer and r["tokens_per_s"] else ""
-        lines.append(f"| {r['model']} | {r['workload']} | {r['batch']} | {r['system']} | {tps} | "
-                     f"{pct(r['mfu'])} | {pct(r['mbu'])} | {ratio} |")
+        system = r["system"] + ("" if r.get("cuda_graph", True) or r["workload"] != "decode" else " (eager)")
+        if r["system"] == "torch-compile" and not r.get("compiled", True):
+            system = "torch-compile (not compiled: no CUDA)"
+        compile_s = f"{r['compile_s']:.1f}" if r.get("compile_s") else ""
+        lines.append(f"| {r['model']} | {r['workload']} | {r['batch']} | {system} | {tps} | "
+                     f"{pct(r['mfu'])} | {pct(r['mbu'])} | {compile_s} | {ratio(r.get('vs_transformers'))} "
+                     f"| {ratio(r.get('vs_torch_compile'))} |")
     return "\n".join(lines)
+
+
+def add_ratios(runs) -> None:
+    """Each engine row gains ``vs_transformers`` and ``vs_torch_compile``: its tok/s over the peer's
+    on the same model, workload and batch (None where the peer did not run or failed)."""
+    def rates(systems):
+        return {(r["model"], r["workload"], r["batch"]): r["tokens_per_s"] for r in runs
+                if r["system"] in systems and r["tokens_per_s"]}
+    hf, compiled = rates(("hf-generate", "hf-cb")), rates(("torch-compile",))
+    for r in runs:
+        if r["system"] == "engine":
+            key = (r["model"], r["workload"], r["batch"])
+            for name, peer in (("vs_transformers", hf), ("vs_torch_compile", compiled)):
+                r[name] = r["tokens_per_s"] / peer[key] if r["tokens_per_s"] and key in peer else None
 
 
 def plot(result, path):
@@ -272,7 +355,7 @@ def plot(result, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="gpt2,gpt2-xl")
-    p.add_argument("--systems", default="engine,hf,hf-cb")
+    p.add_argument("--systems", default="engine,hf,hf-cb,torch-graph,torch-compile")
     p.add_argument("--workloads", default="prefill,decode,serving")
     p.add_argument("--serving-models", default="gpt2", help="models that run the serving workload")
     p.add_argument("--prefill-batches", default="1,8")
@@ -304,7 +387,7 @@ def main(argv=None):
         args.num_requests, args.serving_min_len, args.serving_max_len = 4, 4, 12
         args.prefill_batches, args.decode_batches, args.hf_timeout = "1,2", "1,2", 60
         if args.systems == p.get_default("systems"):
-            args.systems = "engine,hf"            # HF continuous batching idles ~30 s on CPU; add hf-cb to try it
+            args.systems = "engine,hf,torch-graph,torch-compile"   # HF continuous batching idles ~30 s on CPU; add hf-cb to try it
     if args.quick:
         args.num_requests, args.decode_steps = min(args.num_requests, 64), min(args.decode_steps, 32)
     for name in ("models", "systems", "workloads", "serving_models"):
@@ -321,7 +404,7 @@ def main(argv=None):
         tf_version = transformers.__version__
     except ImportError:
         tf_version = None
-        args.systems = [s for s in args.systems if s == "engine"]
+        args.systems = [s for s in args.systems if s not in ("hf", "hf-cb")]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
     log(f"device {name}; measuring ceilings")
     peaks = B.ceilings(device, smoke=args.smoke)
@@ -334,6 +417,7 @@ def main(argv=None):
     stem = out / (f"{result['date']}_{slug}" + ("_smoke" if args.smoke else ""))
     for shape in args.models:
         run_model(shape, args, device, dtype, peaks, result["runs"])
+        add_ratios(result["runs"])
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")   # kept if a later model dies
 
     table = markdown(result)

@@ -53,7 +53,14 @@ def test_bench_script_smoke_writes_results(tmp_path):
     assert all(keys <= set(run) for run in data["runs"])
     systems = {(x["system"], x["workload"]) for x in data["runs"] if x["tokens_per_s"]}
     assert {("engine", "prefill"), ("engine", "decode"), ("engine", "serving"),
-            ("hf-generate", "prefill"), ("hf-generate", "decode")} <= systems
+            ("hf-generate", "prefill"), ("hf-generate", "decode"),
+            ("torch-graph", "prefill"), ("torch-graph", "decode"),
+            ("torch-compile", "prefill"), ("torch-compile", "decode")} <= systems
+    peers = [x for x in data["runs"] if x["system"] in ("torch-graph", "torch-compile")]
+    assert all(not x["compiled"] and not x["cuda_graph"] and x["mbu"] > 0 for x in peers)   # CPU: eager
+    engine = [x for x in data["runs"] if x["system"] == "engine" and x["workload"] in ("prefill", "decode")]
+    assert all(x["vs_torch_compile"] > 0 and x["vs_transformers"] > 0 for x in engine)
+    assert "engine vs torch.compile" in r.stdout
     assert "| model | workload |" in r.stdout
 
 
