@@ -39,6 +39,16 @@ MAX_WIDTH_IN = 10.0
 MAX_TICK_LABELS = 32
 
 
+def figure_for(fig, size):
+    """``fig`` cleared and resized to ``size`` (inches), or a new figure of that size when ``fig`` is
+    None: a widget draws into the figure it already shows instead of making a new one."""
+    if fig is None:
+        return plt.figure(figsize=size)
+    fig.clear()
+    fig.set_size_inches(*size)
+    return fig
+
+
 def fit_figsize(width: float, height: float, max_width: float = MAX_WIDTH_IN) -> tuple[float, float]:
     """``(width, height)`` scaled down (aspect kept) so that the figure is at most ``max_width`` inches."""
     if width <= max_width:
@@ -234,11 +244,7 @@ def steps_figure(steps: dict, labels, query_index: int | None = None, bar: bool 
     width = min(3.6, max(2.6, 0.2 * T + 1.2))
     with_bar = bar and query_index is not None
     size = fit_figsize(width * n, width + 2.6) if with_bar else fit_figsize(width * n, width + 0.4)
-    if fig is None:
-        fig = plt.figure(figsize=size)
-    else:
-        fig.clear()
-        fig.set_size_inches(*size)
+    fig = figure_for(fig, size)
     if with_bar:
         gs = fig.add_gridspec(2, n, height_ratios=[width, 2.2], hspace=0.55)
         axes = [fig.add_subplot(gs[0, i]) for i in range(n)]
@@ -289,11 +295,7 @@ def qkv_figure(q, k, v, labels, head_dim: int | None = None, title: str | None =
     With ``fig`` they are drawn into that (cleared) figure; the artists are kept in
     ``fig.course_handles`` for :func:`update_qkv_figure`."""
     size = (MAX_WIDTH_IN, min(8.0, max(2.5, 0.3 * min(len(labels), MAX_TICK_LABELS) + 1.2)))
-    if fig is None:
-        fig = plt.figure(figsize=size)
-    else:
-        fig.clear()
-        fig.set_size_inches(*size)
+    fig = figure_for(fig, size)
     axes = fig.subplots(1, 3)
     images = []
     for ax, name, m in zip(axes, "QKV", (q, k, v)):

@@ -9,7 +9,7 @@ import numpy as np
 import matplotlib.pyplot as plt
 
 from ..errors import InputError
-from .attention import as_array, heatmap, update_heatmap
+from .attention import as_array, figure_for, heatmap, update_heatmap
 
 
 def embedding_figure(tok, pos, total, labels, title: str | None = None, fig=None):
@@ -20,11 +20,7 @@ def embedding_figure(tok, pos, total, labels, title: str | None = None, fig=None
     tok, pos, total = _check_three(tok, pos, total)
     lim = float(max(np.abs(tok).max(), np.abs(pos).max(), np.abs(total).max())) or 1.0
     size = (10, min(8.0, max(2.4, 0.3 * min(len(labels), 32) + 1.2)))
-    if fig is None:
-        fig = plt.figure(figsize=size)
-    else:
-        fig.clear()
-        fig.set_size_inches(*size)
+    fig = figure_for(fig, size)
     axes = fig.subplots(1, 3)
     pos_labels = [f"pos {i}" for i in range(len(labels))]
     images = []

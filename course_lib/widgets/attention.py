@@ -162,11 +162,7 @@ def head_figure(views: dict, fig=None):
     w, labels, H = views["weights"], views["labels"], views["weights"].shape[0]
     T = len(labels)
     size = min(max(2.4, 0.22 * T + 1.0), 10.0 / H)               # at most 10 inches wide
-    if fig is None:
-        fig = plt.figure(figsize=(size * H, 2 * size + 0.8))
-    else:
-        fig.clear()
-        fig.set_size_inches(size * H, 2 * size + 0.8)
+    fig = va.figure_for(fig, (size * H, 2 * size + 0.8))
     gs = fig.add_gridspec(2, H, hspace=0.45)
     handles = {"heads": [], "merged": [], "box": None}
     for h in range(H):

@@ -7,9 +7,9 @@ Introduced in notebooks/05_transformer_block.ipynb.
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import numpy as np
 
+from ..viz.attention import figure_for
 from .attention import _check_index, _prompt_box, _slider, trace_prompt
 from .common import Explorer, detach_figure
 
@@ -37,11 +37,7 @@ def block_figure(views: dict, fig=None):
     labels, norms = views["labels"], views["norms"]
     T = len(labels)
     size = (min(10, 1.2 + 0.55 * T), 3.4)
-    if fig is None:
-        fig = plt.figure(figsize=size)
-    else:
-        fig.clear()
-        fig.set_size_inches(*size)
+    fig = figure_for(fig, size)
     ax = fig.subplots()
     width = 0.2
     bars = {part: ax.bar(np.arange(T) + (i - 1.5) * width, norms[part], width, label=part)
