@@ -245,11 +245,19 @@ def test_attention_widget_answers_fast_and_fits_a_small_window(lab):
         text_box.press("Enter")
         wait_until(lambda: longer[:20] in page.locator(".widget-text input").first.input_value()
                    and page.evaluate(KERNEL_IDLE), 30, "the new prompt", page)
-        handle.focus()
-        page.keyboard.press("End")
+        # the widget puts a new query slider in for a prompt of another length: wait until the page
+        # shows it (its maximum is the new last token) before pressing End on it
+        wait_until(lambda: handle.get_attribute("aria-valuemax") in (f"{n_tokens - 1}", f"{n_tokens - 1}.0"), 30,
+                   "the new query slider", page)
+
+        def end_reaches_last():          # a key press that lands while the page re-renders is pressed again
+            if f"query {n_tokens - 1} " in widget_text(page):
+                return True
+            handle.focus()
+            page.keyboard.press("End")
+            return False
         try:
-            wait_until(lambda: f"query {n_tokens - 1} " in widget_text(page), 30,
-                       f"the End key to reach query {n_tokens - 1}", page)
+            wait_until(end_reaches_last, 30, f"the End key to reach query {n_tokens - 1}", page)
         except TimeoutError:
             box.screenshot(path=str(FIGURES / "browser_03_end.png"))
             raise AssertionError(f"after End: {widget_text(page)[:160]!r}; handle aria-valuemax "
