@@ -65,7 +65,7 @@ def start_server(model: str, device: str | None, extra: list[str], timeout: floa
     """``serve`` in a subprocess → (process, base URL). Raises when it does not come up."""
     cmd = [sys.executable, "-m", "course_lib.engine", "serve", "--model", model, "--port", "0",
            "--log-level", "warning", "--max-pending", "100000", *(["--device", device] if device else []), *extra]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=None, text=True)
     deadline = time.monotonic() + timeout
     line = proc.stdout.readline()
