@@ -82,6 +82,30 @@ def test_attention_explorer_updates_its_figure(model, tok, no_new_figures):
     assert np.allclose(np.ma.getdata(fig.course_handles["images"]["weights"].get_array()), weights)
 
 
+def test_a_query_move_draws_only_what_moves(model, tok, monkeypatch):
+    """Moving the query pastes the kept background and draws the outlines, bars and title over
+    it: no full drawing of the figure, and the picture equals a full drawing of the same state."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    ex = wa.AttentionExplorer(model, tok, PROMPT, query_index=1)
+    full_draws = []
+    real_draw = FigureCanvasAgg.draw
+    monkeypatch.setattr(FigureCanvasAgg, "draw", lambda self: (full_draws.append(1), real_draw(self))[1])
+    ex.query.value = 4
+    assert ex.message is None and full_draws == [], "a query move drew the whole figure again"
+    moved = np.asarray(Image.open(io.BytesIO(ex.image.value)))
+    ex._background = None                     # force a full drawing of the same state
+    ex.update()
+    assert full_draws == [1]
+    redrawn = np.asarray(Image.open(io.BytesIO(ex.image.value)))
+    assert moved.shape == redrawn.shape and np.array_equal(moved, redrawn)
+    ex.temperature.value = 2.0                # the weights change: the background is drawn again
+    assert full_draws == [1, 1]
+
+
 def test_query_slider_follows_a_growing_prompt(model, tok):
     ex = wa.AttentionExplorer(model, tok, "a b c", query_index=1)
     assert ex.query.max == 2

@@ -10,19 +10,20 @@ Introduced in notebooks/02_q_k_v.ipynb (heatmaps) and notebooks/03_scores_mask_s
 
 from __future__ import annotations
 
-import numpy as np
 import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.layout_engine import TightLayoutEngine
 from matplotlib.patches import Rectangle
 
 from ..errors import InputError
 
 MASKED_COLOR = "#d9d9d9"
 STEP_TITLES = {
-    "scores": "scores  Q·Kᵀ",
-    "scaled": "scaled  ÷ √d_k",
-    "mask": "mask  (1 = may see)",
-    "masked": "masked  (−∞ above diagonal)",
-    "weights": "weights  softmax per row",
+    "scores": "scores\nQ·Kᵀ",
+    "scaled": "scaled\n÷ √d_k",
+    "mask": "mask\n(1 = may see)",
+    "masked": "masked\n(−∞ above diagonal)",
+    "weights": "weights\nsoftmax per row",
 }
 
 
@@ -76,7 +77,9 @@ def heatmap(ax, matrix, row_labels=None, col_labels=None, title: str | None = No
             xlabel: str | None = None, ylabel: str | None = None):
     """Draw ``matrix`` (rows × cols) on ``ax`` with token labels; ``-inf`` cells are grey "−∞".
 
-    ``annotate=None`` writes the numbers into the cells when the matrix is at most 10 × 10.
+    ``annotate=None`` writes the numbers into the cells when the matrix is at most 10 × 10 and
+    the widest number fits in a cell at 7 pt (otherwise colour alone carries the value: add a
+    colour bar).
     Returns the image artist.
     """
     m = as_array(matrix)
@@ -95,7 +98,7 @@ def heatmap(ax, matrix, row_labels=None, col_labels=None, title: str | None = No
     rows, cols = m.shape
     set_token_ticks(ax, row_labels, col_labels)
     if annotate is None:
-        annotate = rows <= 10 and cols <= 10
+        annotate = rows <= 10 and cols <= 10 and _numbers_fit(ax, m, fmt, rows, cols)
     im.cell_texts, im.cell_fmt = [], fmt            # kept so that update_heatmap can rewrite them
     if annotate:
         for i in range(rows):
@@ -111,6 +114,16 @@ def heatmap(ax, matrix, row_labels=None, col_labels=None, title: str | None = No
     if colorbar:
         ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
     return im
+
+
+def _numbers_fit(ax, m: np.ndarray, fmt: str, rows: int, cols: int, fontsize: float = 7) -> bool:
+    """Whether ``fmt`` of the widest value of ``m`` fits inside one cell of ``ax`` (in points)."""
+    w_in, h_in = ax.figure.get_size_inches()
+    box = ax.get_position()
+    cell_w, cell_h = box.width * w_in * 72 / cols, box.height * h_in * 72 / rows
+    finite = m[np.isfinite(m)]
+    widest = max((len(fmt.format(v)) for v in finite), default=2)
+    return cell_w >= 0.62 * fontsize * widest + 2 and cell_h >= 1.4 * fontsize
 
 
 def set_token_ticks(ax, row_labels=None, col_labels=None) -> None:
@@ -243,10 +256,16 @@ def steps_figure(steps: dict, labels, query_index: int | None = None, bar: bool 
     T = as_array(steps[names[0]]).shape[0]
     width = min(3.6, max(2.6, 0.2 * T + 1.2))
     with_bar = bar and query_index is not None
-    size = fit_figsize(width * n, width + 2.6) if with_bar else fit_figsize(width * n, width + 0.4)
+    # tall enough that every written row label (8 pt) has its own line, with room for the rotated
+    # column labels underneath; at most MAX_WIDTH_IN wide
+    k = tick_step(T)
+    label_in = 0.075 * max(len(str(s)) for s in list(labels)[::k])     # a rotated label's length
+    top = max(1.8, 0.16 * -(-T // k)) + label_in + 0.6
+    bottom = 1.6 + label_in
+    size = (min(width * n, MAX_WIDTH_IN), top + bottom if with_bar else top)
     fig = figure_for(fig, size)
     if with_bar:
-        gs = fig.add_gridspec(2, n, height_ratios=[width, 2.2], hspace=0.55)
+        gs = fig.add_gridspec(2, n, height_ratios=[top, bottom])
         axes = [fig.add_subplot(gs[0, i]) for i in range(n)]
         bar_ax = fig.add_subplot(gs[1, :])
     else:
@@ -255,7 +274,11 @@ def steps_figure(steps: dict, labels, query_index: int | None = None, bar: bool 
     handles = {"images": {}, "rows": [], "bar": None, "suptitle": None}
     for ax, name in zip(axes, names):
         m = as_array(steps[name])
-        handles["images"][name] = heatmap(ax, m, labels, labels, title=STEP_TITLES[name], **_step_style(name, m))
+        im = heatmap(ax, m, labels, labels, title=STEP_TITLES[name], **_step_style(name, m))
+        handles["images"][name] = im
+        if not im.cell_texts and name != "mask":         # too small for numbers: a colour bar says the value
+            bar = fig.colorbar(im, cax=ax.inset_axes([1.04, 0.0, 0.07, 1.0]))
+            bar.ax.tick_params(labelsize=8)
         if query_index is not None:
             highlight_row(ax, query_index, m.shape[1])
             handles["rows"].append(ax.patches[-1])
@@ -267,6 +290,9 @@ def steps_figure(steps: dict, labels, query_index: int | None = None, bar: bool 
         handles["bar"] = weights_bar(bar_ax, w, labels, query_index, future_from=_future_from(steps, query_index))
     if suptitle:
         handles["suptitle"] = fig.suptitle(suptitle, fontsize=10)
+    # room for rotated token labels under every row of panels (once; no layout engine is left on the
+    # figure, so a widget's redraws stay one pass)
+    TightLayoutEngine(pad=0.4, h_pad=0.6, w_pad=0.4).execute(fig)
     fig.course_handles = handles
     return fig
 

@@ -330,10 +330,16 @@ class AttentionExplorer(Explorer):
         views = attention_views(self.model, self.tokenizer, self.prompt.value, self.query.value,
                                 self.temperature.value, self.mask.value, self.layer.value, self.head.value)
         self.views = views
-        return attention_summary(views), self.render(views, tuple(views["ids"]))
+        still = (tuple(views["ids"]), self.temperature.value, self.mask.value, self.layer.value, self.head.value)
+        return attention_summary(views), self.render(views, tuple(views["ids"]), background_key=still)
 
     def draw(self, views) -> None:
         self.fig = detach_figure(attention_figure(views, fig=self.fig))
+
+    def moving_artists(self) -> list:
+        """What the query slider changes: the outlined rows, the bar chart, the title."""
+        h = self.fig.course_handles
+        return [*h["rows"], *([h["bar"]["title"].axes] if h["bar"] else []), *([h["suptitle"]] if h["suptitle"] else [])]
 
     def refresh(self, views) -> None:
         update_attention_figure(self.fig, views)

@@ -70,6 +70,43 @@ def canvas_png(fig, dpi: int = 80, bbox=None) -> bytes:
     return buf.getvalue()
 
 
+def draw_background(fig, moving: list, dpi: int):
+    """Draw ``fig`` at ``dpi`` with the ``moving`` artists hidden and keep its pixels (for :func:`blit_png`)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    fig.set_dpi(dpi)
+    for a in moving:
+        a.set_visible(False)
+    try:
+        fig.canvas.draw()
+    finally:
+        for a in moving:
+            a.set_visible(True)
+    return fig.canvas.copy_from_bbox(fig.bbox)
+
+
+def blit_png(fig, background, moving: list, bbox) -> bytes:
+    """The kept background's pixels with the ``moving`` artists drawn over them, cropped to
+    ``bbox`` (inches, from :func:`tight_bbox`), as PNG bytes."""
+    import numpy as np
+    from PIL import Image
+
+    canvas = fig.canvas
+    canvas.restore_region(background)
+    for a in moving:
+        fig.draw_artist(a)
+    rgba = np.asarray(canvas.buffer_rgba())                     # (height px, width px, 4)
+    height, width = rgba.shape[:2]
+    dpi = fig.dpi
+    x0, x1 = max(0, int(bbox.x0 * dpi)), min(width, int(np.ceil(bbox.x1 * dpi)))
+    y0, y1 = max(0, int(height - bbox.y1 * dpi)), min(height, int(np.ceil(height - bbox.y0 * dpi)))
+    buf = io.BytesIO()
+    Image.fromarray(rgba[y0:y1, x0:x1]).save(buf, format="png", compress_level=1)
+    return buf.getvalue()
+
+
 def detach_figure(fig):
     """Take a figure out of pyplot's list of open figures (the notebook will not show it by
     itself at the end of the cell) and return it: a widget keeps it and redraws it on demand."""
@@ -105,15 +142,32 @@ class Explorer(widgets.VBox):
     def refresh(self, views) -> None:  # pragma: no cover - subclasses with a figure override it
         raise NotImplementedError
 
-    def render(self, views, layout_key, dpi: int = 80) -> bytes:
-        """Update the kept figure for ``views`` (rebuilt only for a new ``layout_key``); PNG bytes."""
-        if self.fig is None or layout_key != self._layout_key:
+    def moving_artists(self) -> list:
+        """Artists that change when only the cheap controls move (see :meth:`render`); none by default."""
+        return []
+
+    def render(self, views, layout_key, dpi: int = 80, background_key=None) -> bytes:
+        """Update the kept figure for ``views`` (rebuilt only for a new ``layout_key``); PNG bytes.
+
+        With a ``background_key`` (what every artist outside :meth:`moving_artists` depends on),
+        the figure is drawn in two layers: the still background is drawn once per key and kept as
+        pixels; a move that leaves the key alone pastes those pixels back and draws only the
+        moving artists on top (matplotlib's blitting). Notebook 03's query slider moves a row
+        outline and a bar chart over five heatmaps full of numbers: drawing hundreds of numbers
+        again for every move is what made it slow."""
+        rebuilt = self.fig is None or layout_key != self._layout_key
+        if rebuilt:
             self.draw(views)
             self._layout_key = layout_key
             self._bbox = tight_bbox(self.fig)
+            self._background = None
         else:
             self.refresh(views)
-        return canvas_png(self.fig, dpi, self._bbox)
+        if background_key is None:
+            return canvas_png(self.fig, dpi, self._bbox)
+        if rebuilt or self._background is None or background_key != self._background[0]:
+            self._background = (background_key, draw_background(self.fig, self.moving_artists(), dpi))
+        return blit_png(self.fig, self._background[1], self.moving_artists(), self._bbox)
 
     def __init__(self, controls: list, watch: list | None = None):
         self.output = widgets.Output()
