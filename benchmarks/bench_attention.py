@@ -338,7 +338,7 @@ def engine_timing(device, smoke):
     for label, splits in (("off", 1), ("on", None)):
         try:
             t = time.perf_counter()
-            opts = dict(device=device, dtype=dtype, max_num_batched_tokens=1024 if not smoke else 64, max_num_seqs=8,
+            opts = dict(device=device, dtype=dtype, max_num_batched_tokens=512 if not smoke else 64, max_num_seqs=8,
                         max_kv_splits=splits)
             if device.type != "cuda":
                 opts.update(attention="triton", max_kv_splits=splits or 4)
