@@ -215,3 +215,19 @@ def test_split_kv_kernels_match_reference_in_interpreter():
 def test_engine_greedy_output_same_with_split_kv_in_interpreter():
     pytest.importorskip("triton")
     _interpret(ENGINE, "engine split == off == torch")
+
+
+def test_bench_attention_correctness_part_runs_on_cpu(tmp_path):
+    """The GPU script's CPU side: its correctness shapes through the interpreter, its JSON written."""
+    pytest.importorskip("triton")
+    import json
+
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "benchmarks/bench_attention.py", "--smoke", "--skip", "kernel,engine,sweep",
+                        "--out", str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "FAIL  " not in r.stdout and r.stdout.count("PASS  ") == 8 and "8 PASS, 0 FAIL" in r.stdout, r.stdout
+    (result,) = tmp_path.glob("bench_attention_*.json")
+    data = json.loads(result.read_text())
+    assert data["meta"]["triton"] and all(c["pass"] for c in data["correctness"])
+    assert {c["num_splits"] for c in data["correctness"]} == {1, 3}
