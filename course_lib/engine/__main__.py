@@ -73,6 +73,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto")
     g.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="ranks (processes; GPUs on CUDA) the heads and MLP columns are split over")
+    g.add_argument("--max-kv-splits", type=int, default=None,
+                   help="split-KV decode attention: key chunks per sequence and head (1: off; default 32 on CUDA)")
 
 
 def engine_config(args):
@@ -84,7 +86,7 @@ def engine_config(args):
                         enable_chunked_prefill=args.enable_chunked_prefill,
                         enable_prefix_caching=args.enable_prefix_caching, attention=args.attention,
                         cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
-                        tensor_parallel_size=args.tensor_parallel_size)
+                        tensor_parallel_size=args.tensor_parallel_size, max_kv_splits=args.max_kv_splits)
 
 
 def cmd_generate(args) -> int:

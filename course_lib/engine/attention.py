@@ -10,7 +10,8 @@ runner has just written into the pool. A decode is a request with one query row.
   keys through its block table and masks by absolute position.
 * :class:`TritonAttention` — the unified FlashAttention-style Triton kernel (triton_unified.py):
   one launch for every row of the step, reading the step's layout from device tensors only, so a
-  whole step can be captured as one CUDA graph (step_graphs.py). The CUDA default.
+  whole step can be captured as one CUDA graph (step_graphs.py). The CUDA default. Small steps
+  (decodes) split each sequence's keys over several programs (split-KV, ``max_kv_splits``).
 
 Each implementation says which per-step arrays it reads beyond the common ones
 (:meth:`extra_arrays`), turns the arrays on the device into its own metadata (:meth:`metadata`),
@@ -19,14 +20,16 @@ and computes ``forward(q, k, v, kv_cache, layer, metadata) -> (N, H, Dh)``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..model import causal_mask
-from .attention_tiles import build_tiles, tile_rows_for
+from .attention_tiles import build_tiles, kv_splits_for, tile_rows_for
 from .batch import FlatBatch
 from .kv_cache import PagedKVCache
 
@@ -142,8 +145,33 @@ class TritonMetadata:
     padded: bool                   # rows past the live ones exist (a captured step): zero their output
 
 
+#: SMs assumed where there are none (the Triton interpreter on a CPU): an H200's, so an interpreted
+#: run splits the keys as the GPU would
+NOMINAL_SMS = 132
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessor_count(device: torch.device) -> int:
+    """The GPU's streaming multiprocessors; :data:`NOMINAL_SMS` off CUDA."""
+    if device.type != "cuda":
+        return NOMINAL_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 class TritonAttention:
+    """``max_kv_splits``: at most this many key chunks per (tile, head) in small steps (split-KV, see
+    triton_unified.py); 1 = every (tile, head) walks its keys in one program."""
+
     name = "triton"
+
+    def __init__(self, max_kv_splits: int = 1):
+        if isinstance(max_kv_splits, bool) or not isinstance(max_kv_splits, int) or max_kv_splits < 1:
+            raise ConfigError(f"max_kv_splits must be a positive integer, got {max_kv_splits!r}")
+        self.max_kv_splits = max_kv_splits
+
+    def num_splits(self, meta: "TritonMetadata", num_heads: int, device: torch.device) -> int:
+        """Key chunks of this step's grid: from static sizes only, so fixed per graph bucket."""
+        return kv_splits_for(meta.grid, num_heads, meta.block_m, multiprocessor_count(device), self.max_kv_splits)
 
     def extra_arrays(self, flat: FlatBatch, block_m: int | None = None) -> dict[str, np.ndarray]:
         block_m = block_m or tile_rows_for(flat.num_tokens)
@@ -167,9 +195,12 @@ class TritonAttention:
         out = torch.zeros_like(q) if meta.padded else torch.empty_like(q)                # (N, H, Dh)
         return unified_attention(q, kv.k[layer], kv.v[layer], meta.block_tables, meta.context_lens,
                                  meta.query_start, meta.tile_seq, meta.tile_row, meta.num_tiles, meta.grid,
-                                 meta.block_m, out=out)
+                                 meta.block_m, out=out, num_splits=self.num_splits(meta, q.shape[1], q.device))
 
 
-def make_attention(name: str):
-    """``"torch"`` or ``"triton"`` (EngineConfig.resolve has checked that it can run here)."""
-    return {"torch": TorchAttention, "triton": TritonAttention}[name]()
+def make_attention(name: str, max_kv_splits: int = 1):
+    """``"torch"`` or ``"triton"`` (EngineConfig.resolve has checked that it can run here);
+    ``max_kv_splits``: the Triton path's split-KV cap (1: off)."""
+    if name == "triton":
+        return TritonAttention(max_kv_splits)
+    return TorchAttention()

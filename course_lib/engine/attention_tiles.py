@@ -8,6 +8,8 @@ Introduced in notebooks/12_flash_attention.ipynb.
 
 from __future__ import annotations
 
+from ..errors import ConfigError
+
 
 def tile_rows_for(num_tokens: int) -> int:
     """Query rows per tile. Small steps are mostly decodes (one row per sequence): 16, the smallest
@@ -34,3 +36,26 @@ def build_tiles(query_start: list[int], context_lens: list[int], block_m: int) -
             tiles.append((-keys, s, r))
     tiles.sort()
     return [s for _, s, _ in tiles], [r for _, _, r in tiles]
+
+
+#: programs per SM the split-KV path aims for: enough resident programs to keep memory requests in flight
+PROGRAMS_PER_SM = 4
+
+
+def kv_splits_for(grid_tiles: int, num_heads: int, block_m: int, num_sms: int, max_splits: int) -> int:
+    """Key chunks per (tile, head) of the split-KV path (flash-decoding), from static sizes only.
+
+    The plain kernel launches ``grid_tiles * num_heads`` programs; at batch 1 that is one per head
+    (25 for GPT-2 XL on a 132-SM GPU) and most SMs idle. Split each tile's keys until the grid has
+    about ``PROGRAMS_PER_SM * num_sms`` programs, at most ``max_splits``; 1 where the plain grid is
+    already that big, and for prefill-sized steps (``block_m`` > 16, many 64-row tiles). The grid
+    and ``block_m`` are fixed per CUDA-graph bucket, so the answer is too.
+    """
+    for name, value in (("grid_tiles", grid_tiles), ("num_heads", num_heads), ("block_m", block_m),
+                        ("num_sms", num_sms), ("max_splits", max_splits)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"kv_splits_for: {name} must be a positive integer, got {value!r}")
+    if max_splits == 1 or block_m > 16:
+        return 1
+    want = -(-PROGRAMS_PER_SM * num_sms // (grid_tiles * num_heads))
+    return max(1, min(max_splits, want))

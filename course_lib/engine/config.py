@@ -25,6 +25,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float3
 DEFAULT_DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 #: the two attention paths (attention.py): batched torch/SDPA, and the unified Triton kernel
 ATTENTION = ("torch", "triton")
+#: split-KV cap of the Triton path on CUDA when max_kv_splits is not given (attention_tiles.kv_splits_for)
+DEFAULT_MAX_KV_SPLITS = 32
 
 
 def triton_available() -> bool:
@@ -67,6 +69,9 @@ class EngineConfig:
       full blocks of earlier prompts are reused.
     * ``attention``: ``"torch"`` (batched SDPA, the CPU default) or ``"triton"`` (the unified kernel,
       the CUDA default); ``cuda_graphs``: replay each step as a captured CUDA graph (CUDA + triton).
+    * ``max_kv_splits``: split-KV decode attention of the triton path — small steps split each
+      sequence's keys over up to this many programs so a batch of 1 fills the GPU; 1 turns it off
+      (default: 32 on CUDA, 1 elsewhere).
     * ``snapshot``: record every step for the glass box (snapshot.py).
     * ``peak_flops``, ``peak_bandwidth``: measured ceilings (FLOP/s, bytes/s) for the ledger's MFU/MBU.
     * ``tensor_parallel_size``: ranks the weights and the KV cache are split over by heads and MLP
@@ -88,6 +93,7 @@ class EngineConfig:
     peak_flops: float | None = None
     peak_bandwidth: float | None = None
     tensor_parallel_size: int = 1
+    max_kv_splits: int | None = None
 
     def __post_init__(self):
         _positive_int("block_size", self.block_size, optional=False)
@@ -95,6 +101,7 @@ class EngineConfig:
         _positive_int("num_kv_blocks", self.num_kv_blocks)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive_int("max_num_seqs", self.max_num_seqs)
+        _positive_int("max_kv_splits", self.max_kv_splits)
         for name in ("enable_chunked_prefill", "enable_prefix_caching", "snapshot"):
             _flag(name, getattr(self, name))
         _flag("cuda_graphs", self.cuda_graphs, optional=True)
@@ -142,11 +149,16 @@ class EngineConfig:
                               "(the torch path reads host-side lengths); use attention='triton' or cuda_graphs=False")
         if self.gpu_memory_fraction is not None and not cuda:
             raise ConfigError("gpu_memory_fraction needs a CUDA device; on CPU pass num_kv_blocks")
+        if attention != "triton" and self.max_kv_splits not in (None, 1):
+            raise ConfigError(f"max_kv_splits={self.max_kv_splits} splits the keys of the triton attention kernel; "
+                              "use attention='triton' or leave max_kv_splits unset")
+        max_kv_splits = self.max_kv_splits or (DEFAULT_MAX_KV_SPLITS if cuda and attention == "triton" else 1)
         check_tensor_parallel(self.tensor_parallel_size, model, device)
         max_num_seqs = self.max_num_seqs or (256 if cuda else 64)
         budget = self.max_num_batched_tokens or max(8192 if cuda else 2048, model.n_positions)
         return dataclasses.replace(self, device=device, dtype=dtype, attention=attention, cuda_graphs=cuda_graphs,
-                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                                   max_kv_splits=max_kv_splits)
 
 
 def check_tensor_parallel(size: int, model: GPTConfig, device: torch.device) -> None:

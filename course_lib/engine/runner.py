@@ -123,7 +123,7 @@ def build_runner(model: GPT, config: EngineConfig, num_kv_blocks: int, tp=None) 
     kv = PagedKVCache(cfg, num_kv_blocks, config.block_size, config.dtype, device,
                       triton_write=device.type == "cuda" and config.attention == "triton",
                       num_heads=cfg.n_head // config.tensor_parallel_size)
-    runner = ModelRunner(model, kv, make_attention(config.attention), tp)
+    runner = ModelRunner(model, kv, make_attention(config.attention, config.max_kv_splits), tp)
     if config.cuda_graphs:
         from .step_graphs import StepGraphs
 

@@ -11,7 +11,7 @@ handles one (tile, head) pair:
 2. walk the keys ``BLOCK_N`` at a time from position 0 up to the tile's *last* position only:
    key blocks past it are masked for every row, so they are never loaded — this is where causal
    attention saves half the work of full attention. Key ``t`` lives in the paged pool at slot
-   ``block_table[s, t // block_size] * block_size + t % block_size`` (as in triton_decode.py);
+   ``block_table[s, t // block_size] * block_size + t % block_size`` (kv_cache.py's pool layout);
 3. scores ``Q Kᵀ`` with ``tl.dot`` (fp32 accumulation), the causal mask by absolute position
    (``t <= pos``; only the blocks that straddle the diagonal need it: keys before the tile's first
    position are visible to all its rows), then the online softmax: a running row maximum ``m``, a running sum ``l`` of
@@ -19,13 +19,23 @@ handles one (tile, head) pair:
    whenever the maximum grows. Nothing of size (rows × keys) is ever stored;
 4. divide by ``l`` and store the tile's live rows.
 
+Split-KV (flash-decoding). At batch 1 the grid has one tile per head — 25 programs for GPT-2 XL on
+a GPU of 132 SMs — and each walks all the keys alone, so most of the GPU idles while a few programs
+wait on memory. With ``num_splits = S > 1`` the grid gains a third axis: program ``(tile, head, s)``
+walks only chunk ``s`` of the tile's keys (``chunk = ceil(keys / S)`` rounded up to ``BLOCK_N``;
+programs whose chunk starts past the keys do nothing) and stores its *unnormalised* partial
+``(m, l, acc)`` in fp32 scratch. A second small kernel merges the chunks of each row exactly, the
+log-sum-exp way: ``M = max_s m_s``, ``out = Σ_s 2^(m_s - M) acc_s / Σ_s 2^(m_s - M) l_s``.
+``S`` is picked on the host from the static grid (attention_tiles.kv_splits_for), so it too is
+fixed per CUDA-graph bucket.
+
 Why "unified": the launch shape is *static*. The grid is ``(max_tiles, H)`` for a given number of
 tokens; which tile a program works on comes from a device table (``tile_seq``, ``tile_row``) and
 ``num_tiles`` (programs past it exit at once). So a CUDA graph captured once per token-count bucket
 can replay any mix of sequences: only the tables' contents change from step to step.
 
 Runs on CPU through the Triton interpreter when ``TRITON_INTERPRET=1`` is set before this module is
-imported (tests/test_engine_unified.py); the interpreter computes bf16 ``tl.dot`` wrongly, so
+imported (tests/test_engine_triton.py, tests/test_engine_split_kv.py); the interpreter computes bf16 ``tl.dot`` wrongly, so
 interpreted runs multiply in fp32. Introduced in notebooks/12_flash_attention.ipynb.
 """
 
@@ -38,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_tiles import build_tiles, max_tiles, tile_rows_for  # noqa: F401  (the host side)
+from .attention_tiles import build_tiles, kv_splits_for, max_tiles, tile_rows_for  # noqa: F401  (the host side)
 
 LOG2_E = 1.4426950408889634          # exp(x) = exp2(x * log2(e)); exp2 is the hardware instruction
 
@@ -47,9 +57,11 @@ LOG2_E = 1.4426950408889634          # exp(x) = exp2(x * log2(e)); exp2 is the h
 def _attend_key_block(q, m, l, acc, start, key_end, pos, seq, head, d, d_ok, k_ptr, v_ptr, tables_ptr, qk_scale,
                       stride_kblock, stride_kslot, stride_kh, stride_tb,
                       BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                      DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+                      DOT_FP32: tl.constexpr, IEEE: tl.constexpr, SAFE: tl.constexpr):
     """Keys ``start..start+BLOCK_N-1`` of one sequence folded into the running (m, l, acc) of a tile.
-    ``MASKED=False``: every key is visible to every row (all lie before the tile's first position)."""
+    ``MASKED=False``: every key is visible to every row (all lie before the tile's first position).
+    ``SAFE``: a row may have seen no key yet and see none here (a key chunk past its position, split-KV):
+    its ``m`` stays ``-inf`` and ``l``, ``acc`` stay 0 instead of turning NaN."""
     t = start + tl.arange(0, BLOCK_N)                     # (BLOCK_N,) key positions
     t_ok = t < key_end
     block = tl.load(tables_ptr + seq.to(tl.int64) * stride_tb + t // BLOCK_SIZE, mask=t_ok, other=0)
@@ -69,8 +81,12 @@ def _attend_key_block(q, m, l, acc, start, key_end, pos, seq, head, d, d_ok, k_p
         causal = (t[None, :] <= pos[:, None]) & t_ok[None, :]   # key 0 is always visible: no NaN
         s = tl.where(causal, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
-    alpha = tl.exp2(m - m_new)                            # rescales what was summed so far
-    p = tl.exp2(s - m_new[:, None])
+    if SAFE:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)     # exp2(-inf - 0) = 0, not exp2(NaN)
+    else:
+        m_use = m_new
+    alpha = tl.exp2(m - m_use)                            # rescales what was summed so far
+    p = tl.exp2(s - m_use[:, None])
     l = l * alpha + tl.sum(p, axis=1)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -83,40 +99,27 @@ def _attend_key_block(q, m, l, acc, start, key_end, pos, seq, head, d, d_ok, k_p
 def _attend_key_range(q, m, l, acc, lo, hi, key_end, pos, seq, head, d, d_ok, k_ptr, v_ptr, tables_ptr, qk_scale,
                       stride_kblock, stride_kslot, stride_kh, stride_tb,
                       BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                      DOT_FP32: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr):
+                      DOT_FP32: tl.constexpr, IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr, SAFE: tl.constexpr):
     """The key blocks starting at ``lo, lo + BLOCK_N, ...`` below ``hi``, one after the other."""
     if WHILE_LOOP:        # the interpreter cannot range() over a loaded value; compiled code can (and pipelines it)
         start = lo
         while start < hi:
             m, l, acc = _attend_key_block(q, m, l, acc, start, key_end, pos, seq, head, d, d_ok, k_ptr, v_ptr,
                                           tables_ptr, qk_scale, stride_kblock, stride_kslot, stride_kh, stride_tb,
-                                          BLOCK_SIZE, BLOCK_N, MASKED, DOT_FP32, IEEE)
+                                          BLOCK_SIZE, BLOCK_N, MASKED, DOT_FP32, IEEE, SAFE)
             start += BLOCK_N
     else:
         for start in range(lo, hi, BLOCK_N):
             m, l, acc = _attend_key_block(q, m, l, acc, start, key_end, pos, seq, head, d, d_ok, k_ptr, v_ptr,
                                           tables_ptr, qk_scale, stride_kblock, stride_kslot, stride_kh, stride_tb,
-                                          BLOCK_SIZE, BLOCK_N, MASKED, DOT_FP32, IEEE)
+                                          BLOCK_SIZE, BLOCK_N, MASKED, DOT_FP32, IEEE, SAFE)
     return m, l, acc
 
 
 @triton.jit
-def _unified_attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr,
-    tables_ptr, context_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr, num_tiles_ptr,
-    qk_scale,                                    # log2(e) / sqrt(Dh)
-    stride_qn, stride_qh,                        # q: (N, H, Dh)
-    stride_kblock, stride_kslot, stride_kh,      # k, v pools: (blocks, block_size, H, Dh), same strides
-    stride_on, stride_oh,                        # out: (N, H, Dh)
-    stride_tb,                                   # block tables: (B, M)
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    WHILE_LOOP: tl.constexpr,
-):
-    tile = tl.program_id(0)
-    head = tl.program_id(1)
-    if tile >= tl.load(num_tiles_ptr):           # a padded program of the static grid
-        return
+def _tile_extent(tile, tables_ptr, context_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr,
+                 BLOCK_M: tl.constexpr):
+    """Where tile ``tile`` lies: its sequence, its rows, their absolute positions, the keys it needs."""
     # rows and positions fit in int32; only pointer offsets into the pool need int64
     seq = tl.load(tile_seq_ptr + tile).to(tl.int32)
     first = tl.load(tile_row_ptr + tile).to(tl.int32)         # flat row of the tile's first query
@@ -124,11 +127,42 @@ def _unified_attention_kernel(
     q_end = tl.load(query_start_ptr + seq + 1).to(tl.int32)
     context = tl.load(context_lens_ptr + seq).to(tl.int32)    # keys of this sequence: prefix + new
     prefix = context - (q_end - q_start)                       # keys cached before this step
-
     rows = first + tl.arange(0, BLOCK_M)                       # (BLOCK_M,) flat query rows
+    key_end = prefix + tl.minimum(first + BLOCK_M, q_end) - q_start   # keys 0..key_end-1 matter
+    return seq, first, q_start, q_end, prefix, rows, key_end
+
+
+@triton.jit
+def _split_chunk(key_end, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys per split of a tile that needs ``key_end`` keys: ``ceil(key_end / S)`` rounded up to whole
+    key blocks, so chunks never share a block; the last chunks may be empty."""
+    return tl.cdiv(tl.cdiv(key_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def _unified_attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, part_ml_ptr, part_acc_ptr,
+    tables_ptr, context_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr, num_tiles_ptr,
+    qk_scale,                                    # log2(e) / sqrt(Dh)
+    stride_qn, stride_qh,                        # q: (N, H, Dh)
+    stride_kblock, stride_kslot, stride_kh,      # k, v pools: (blocks, block_size, H, Dh), same strides
+    stride_on, stride_oh,                        # out: (N, H, Dh)
+    stride_tb,                                   # block tables: (B, M)
+    stride_mlk, stride_mls, stride_mln,          # split partials m, l: (2, S, N, H), head stride 1
+    stride_as, stride_an, stride_ah,             # split partial acc: (S, N, H, Dh), dim stride 1
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    split = tl.program_id(2)                     # always 0 with NUM_SPLITS == 1
+    if tile >= tl.load(num_tiles_ptr):           # a padded program of the static grid
+        return
+    seq, first, q_start, q_end, prefix, rows, key_end = _tile_extent(
+        tile, tables_ptr, context_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr, BLOCK_M)
     row_ok = rows < q_end
     pos = prefix + (rows - q_start)                            # absolute positions of the queries
-    key_end = prefix + tl.minimum(first + BLOCK_M, q_end) - q_start   # keys 0..key_end-1 matter
 
     d = tl.arange(0, HEAD_DIM_P2)
     d_ok = d < HEAD_DIM
@@ -144,13 +178,73 @@ def _unified_attention_kernel(
     # keys before the tile's first position are visible to all its rows: whole blocks of them go
     # without a mask; the blocks from there to the tile's last position straddle the diagonal
     full_end = (prefix + first - q_start + 1) // BLOCK_N * BLOCK_N
-    m, l, acc = _attend_key_range(q, m, l, acc, full_end * 0, full_end, key_end, pos, seq, head, d, d_ok, k_ptr,
-                                  v_ptr, tables_ptr, qk_scale, stride_kblock, stride_kslot, stride_kh, stride_tb,
-                                  BLOCK_SIZE, BLOCK_N, False, DOT_FP32, IEEE, WHILE_LOOP)
-    m, l, acc = _attend_key_range(q, m, l, acc, full_end, key_end, key_end, pos, seq, head, d, d_ok, k_ptr,
-                                  v_ptr, tables_ptr, qk_scale, stride_kblock, stride_kslot, stride_kh, stride_tb,
-                                  BLOCK_SIZE, BLOCK_N, True, DOT_FP32, IEEE, WHILE_LOOP)
-    out = acc / l[:, None]
+    if NUM_SPLITS == 1:                          # one program walks all the keys
+        lo = full_end * 0
+        hi = key_end
+    else:                                        # this program walks chunk `split` only (maybe empty)
+        chunk = _split_chunk(key_end, NUM_SPLITS, BLOCK_N)
+        lo = tl.minimum(split * chunk, key_end)
+        hi = tl.minimum(lo + chunk, key_end)
+    m, l, acc = _attend_key_range(q, m, l, acc, lo, tl.minimum(hi, full_end), hi, pos, seq, head, d, d_ok,
+                                  k_ptr, v_ptr, tables_ptr, qk_scale, stride_kblock, stride_kslot, stride_kh,
+                                  stride_tb, BLOCK_SIZE, BLOCK_N, False, DOT_FP32, IEEE, WHILE_LOOP, False)
+    m, l, acc = _attend_key_range(q, m, l, acc, tl.maximum(lo, full_end), hi, hi, pos, seq, head, d, d_ok,
+                                  k_ptr, v_ptr, tables_ptr, qk_scale, stride_kblock, stride_kslot, stride_kh,
+                                  stride_tb, BLOCK_SIZE, BLOCK_N, True, DOT_FP32, IEEE, WHILE_LOOP,
+                                  NUM_SPLITS > 1)
+    if NUM_SPLITS == 1:
+        out = acc / l[:, None]
+        out_rows = rows.to(tl.int64) * stride_on + head * stride_oh
+        tl.store(out_ptr + out_rows[:, None] + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:                                        # the unnormalised partial; _merge_splits_kernel combines
+        live = row_ok & (lo < hi)
+        at = split * stride_mls + rows.to(tl.int64) * stride_mln + head            # (BLOCK_M,)
+        tl.store(part_ml_ptr + at, m, mask=live)
+        tl.store(part_ml_ptr + stride_mlk + at, l, mask=live)
+        acc_at = split * stride_as + rows.to(tl.int64) * stride_an + head * stride_ah
+        tl.store(part_acc_ptr + acc_at[:, None] + d[None, :], acc, mask=live[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    out_ptr, part_ml_ptr, part_acc_ptr,
+    tables_ptr, context_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr, num_tiles_ptr,
+    stride_on, stride_oh, stride_mlk, stride_mls, stride_mln, stride_as, stride_an, stride_ah,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """One program per (tile, head): the exact softmax of the tile's rows from their chunks' partials,
+    ``M = max m_s``, ``out = Σ 2^(m_s - M) acc_s / Σ 2^(m_s - M) l_s``. Only the chunks that hold keys
+    are read (the others were never written); chunk 0 always holds key 0, which every row sees."""
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    if tile >= tl.load(num_tiles_ptr):
+        return
+    seq, first, q_start, q_end, prefix, rows, key_end = _tile_extent(
+        tile, tables_ptr, context_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr, BLOCK_M)
+    row_ok = rows < q_end
+    live_splits = tl.cdiv(key_end, _split_chunk(key_end, NUM_SPLITS, BLOCK_N))
+    d = tl.arange(0, HEAD_DIM_P2)
+    d_ok = d < HEAD_DIM
+    at = rows.to(tl.int64) * stride_mln + head                                  # (BLOCK_M,)
+    acc_at = rows.to(tl.int64) * stride_an + head * stride_ah
+    m_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        ok = row_ok & (s < live_splits)
+        m_max = tl.maximum(m_max, tl.load(part_ml_ptr + s * stride_mls + at, mask=ok, other=float("-inf")))
+    l_sum = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM_P2), tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        ok = row_ok & (s < live_splits)
+        m_s = tl.load(part_ml_ptr + s * stride_mls + at, mask=ok, other=float("-inf"))
+        w = tl.exp2(m_s - m_max)                                                # 0 for empty chunks
+        w = tl.where(ok, w, 0.0)
+        l_sum += w * tl.load(part_ml_ptr + stride_mlk + s * stride_mls + at, mask=ok, other=0.0)
+        a = tl.load(part_acc_ptr + s * stride_as + acc_at[:, None] + d[None, :],
+                    mask=ok[:, None] & d_ok[None, :], other=0.0)                # (BLOCK_M, Dh)
+        acc += w[:, None] * a
+    out = acc / l_sum[:, None]
     out_rows = rows.to(tl.int64) * stride_on + head * stride_oh
     tl.store(out_ptr + out_rows[:, None] + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -160,11 +254,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+#: keys per loop trip of the split-KV path: a chunk is at least this long, so short contexts use few
+#: splits and long ones all of them
+SPLIT_BLOCK_N = 64
+
+
 def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, context_lens: torch.Tensor, query_start: torch.Tensor,
                       tile_seq: torch.Tensor, tile_row: torch.Tensor, num_tiles: torch.Tensor,
                       grid_tiles: int, block_m: int, out: torch.Tensor | None = None,
-                      block_n: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                      block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                      num_splits: int = 1) -> torch.Tensor:
     """Causal attention of every new query row ``q`` (N, H, Dh) against its sequence's keys → (N, H, Dh).
 
     ``k_cache``/``v_cache``: one layer of the pool ``(blocks, block_size, H, Dh)``, already holding the
@@ -174,27 +274,50 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     size. All device tensors, no host synchronisation: safe inside a CUDA graph. Rows not covered by
     a tile (padding) are left as they are in ``out``. ``block_n``: keys per loop trip (default: 128
     with 16-row tiles of 16-bit heads up to 64 wide — steps that are mostly decodes, where fewer,
-    longer trips wait less on memory — else 64).
+    longer trips wait less on memory — else 64; :data:`SPLIT_BLOCK_N` when split).
+
+    ``num_splits`` > 1: split-KV — each tile's keys in that many chunks, one program each, then a
+    merge kernel. Its fp32 scratch ``(S, N, H, Dh + 2)`` is allocated here with a shape fixed by the
+    arguments, so inside a captured graph it is allocated once, at capture, in the graph's pool.
     """
     N, H, Dh = q.shape
     if k_cache.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("unified_attention needs the head dimension contiguous")
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
     if out is None:
         out = torch.empty_like(q)
     fp32 = q.dtype == torch.float32
     if block_n is None:   # 128-key trips only where K and V tiles stay small (shared memory per stage)
-        block_n = 128 if block_m <= 16 and Dh * q.element_size() <= 128 else 64
-    _unified_attention_kernel[(grid_tiles, H)](
-        q, k_cache, v_cache, out,
+        if num_splits > 1:
+            block_n = SPLIT_BLOCK_N
+        else:
+            block_n = 128 if block_m <= 16 and Dh * q.element_size() <= 128 else 64
+    if num_splits > 1:
+        part_ml = torch.empty(2, num_splits, N, H, dtype=torch.float32, device=q.device)       # m and l
+        part_acc = torch.empty(num_splits, N, H, Dh, dtype=torch.float32, device=q.device)
+    else:
+        part_ml = part_acc = out                                                            # not read
+    consts = dict(HEAD_DIM=Dh, HEAD_DIM_P2=max(16, triton.next_power_of_2(Dh)), BLOCK_M=block_m, BLOCK_N=block_n,
+                  NUM_SPLITS=num_splits)
+    part_strides = (part_ml.stride(0), part_ml.stride(1), part_ml.stride(2),
+                    part_acc.stride(0), part_acc.stride(1), part_acc.stride(2))
+    _unified_attention_kernel[(grid_tiles, H, num_splits)](
+        q, k_cache, v_cache, out, part_ml, part_acc,
         block_tables, context_lens, query_start, tile_seq, tile_row, num_tiles,
         LOG2_E / math.sqrt(Dh),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1),
         block_tables.stride(0),
-        HEAD_DIM=Dh, HEAD_DIM_P2=max(16, triton.next_power_of_2(Dh)), BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=fp32 or _interpreting(),
+        *part_strides,
+        BLOCK_SIZE=k_cache.shape[1], DOT_FP32=fp32 or _interpreting(),
         IEEE=fp32 and not _interpreting(), WHILE_LOOP=_interpreting(),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **consts,
     )
+    if num_splits > 1:
+        _merge_splits_kernel[(grid_tiles, H)](
+            out, part_ml, part_acc, block_tables, context_lens, query_start, tile_seq, tile_row, num_tiles,
+            out.stride(0), out.stride(1), *part_strides, num_warps=4 if block_m > 16 else 2, **consts,
+        )
     return out
