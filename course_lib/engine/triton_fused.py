@@ -39,9 +39,9 @@ def _add_layernorm_kernel(x_ptr, d_ptr, db_ptr, rows_ptr, w_ptr, b_ptr, x_out_pt
                           SPLIT: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DBIAS: tl.constexpr, GATHER: tl.constexpr,
                           STORE_X: tl.constexpr, BLOCK_D: tl.constexpr):
     i = tl.program_id(0)
-    row = i
+    row = i.to(tl.int64)
     if GATHER:
-        row = tl.load(rows_ptr + i)
+        row = tl.load(rows_ptr + i).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
@@ -67,9 +67,9 @@ def _embed_layernorm_kernel(ids_ptr, pos_ptr, wte_ptr, wpe_ptr, w_ptr, b_ptr, x_
     pos = tl.load(pos_ptr + i).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
-    e = tl.load(wte_ptr + tok * stride_te + cols, mask=ok, other=0.0)
-    p = tl.load(wpe_ptr + pos * stride_pe + cols, mask=ok, other=0.0)
-    x = e + p                                              # in the embeddings' dtype, as wte(ids) + wpe(pos)
+    e = tl.load(wte_ptr + tok * stride_te + cols, mask=ok, other=0.0).to(tl.float32)
+    p = tl.load(wpe_ptr + pos * stride_pe + cols, mask=ok, other=0.0).to(tl.float32)
+    x = (e + p).to(x_ptr.dtype.element_ty)                 # rounded as wte(ids) + wpe(pos) is
     tl.store(x_ptr + i * D + cols, x, mask=ok)
     h = _layernorm_row(x.to(tl.float32), cols, ok, D, w_ptr, b_ptr, eps)
     tl.store(h_ptr + i * D + cols, h.to(h_ptr.dtype.element_ty), mask=ok)

@@ -34,8 +34,8 @@ import triton.language as tl
 
 from ..errors import InputError
 
-#: the most token rows the GEMV kernel can serve (one tl.dot tile)
-GEMV_MAX_ROWS = 16
+#: the most token rows plan_gemv gives the GEMV (it tiles rows by 16; past this cuBLAS is the better choice)
+GEMV_MAX_ROWS = 64
 #: the most rows a shape missing from MEASURED gives the GEMV; more go to cuBLAS
 DEFAULT_MAX_ROWS = 8
 #: programs to aim for with split-K: about two per SM of an H200 (132 SMs)
@@ -111,36 +111,51 @@ def _gelu_tanh(y):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K,
+def _gemv_block(acc, x_ptr, w_ptr, rm, m_ok, rn, n_ok, k, K, stride_xm, stride_wk, stride_wn,
+                USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """``acc += x[rows, k] @ w[k, cols]`` for one trip of ``BLOCK_K`` K rows."""
+    k_ok = k < K
+    x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    w = tl.load(w_ptr + k[:, None] * stride_wk + rn[None, :] * stride_wn,
+                mask=k_ok[:, None] & n_ok[None, :], other=0.0)                  # (BLOCK_K, BLOCK_N)
+    if USE_DOT:
+        if DOT_FP32:
+            if IEEE:
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+        else:
+            acc += tl.dot(x, w)
+    else:
+        acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split,
                  stride_xm, stride_wk, stride_wn, stride_om, stride_os,
-                 K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, GELU: tl.constexpr, PARTIAL: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, GELU: tl.constexpr, PARTIAL: tl.constexpr, WHILE_LOOP: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rm = tl.arange(0, BLOCK_M)
+    rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
-    k_lo = pid_s * K_PER_SPLIT
+    k_lo = pid_s * k_per_split
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):   # a constant trip count (the interpreter needs one)
-        k = k_lo + k0 + rk
-        k_ok = k < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + k[:, None] * stride_wk + rn[None, :] * stride_wn,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)                  # (BLOCK_K, BLOCK_N)
-        if USE_DOT:
-            if DOT_FP32:
-                if IEEE:
-                    acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-                else:
-                    acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
-            else:
-                acc += tl.dot(x, w)
-        else:
-            acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    if WHILE_LOOP:        # the interpreter cannot range() over an argument; compiled code can (and pipelines it)
+        k0 = 0
+        while k0 < k_per_split:
+            acc = _gemv_block(acc, x_ptr, w_ptr, rm, m_ok, rn, n_ok, k_lo + k0 + rk, K, stride_xm, stride_wk,
+                              stride_wn, USE_DOT, DOT_FP32, IEEE)
+            k0 += BLOCK_K
+    else:
+        for k0 in range(0, k_per_split, BLOCK_K):
+            acc = _gemv_block(acc, x_ptr, w_ptr, rm, m_ok, rn, n_ok, k_lo + k0 + rk, K, stride_xm, stride_wk,
+                              stride_wn, USE_DOT, DOT_FP32, IEEE)
     ok = m_ok[:, None] & n_ok[None, :]
     if PARTIAL:                     # fp32 partial of this split: (split, M, N), summed by the consumer
         tl.store(out_ptr + pid_s * stride_os + rm[:, None] * stride_om + rn[None, :], acc, mask=ok)
@@ -173,25 +188,22 @@ def _check(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int]:
         raise InputError(f"gemv needs x (M, K) and w (K, N); got x {tuple(x.shape)} and w {tuple(w.shape)}")
     if x.stride(1) != 1:
         raise InputError("gemv needs x's rows contiguous (x.stride(1) == 1); pass x.contiguous()")
-    M, K = x.shape
-    if M > GEMV_MAX_ROWS:
-        raise InputError(f"gemv serves at most {GEMV_MAX_ROWS} rows, got {M}; use torch.matmul (cuBLAS) for more")
-    return M, K, w.shape[1]
+    return x.shape[0], x.shape[1], w.shape[1]
 
 
 def _launch(x, w, bias, out, config: GemvConfig, gelu: bool, partial: bool) -> None:
     M, K, N = x.shape[0], x.shape[1], w.shape[1]
     interp = _interpreting()
     fp32 = x.dtype == torch.float32 or w.dtype == torch.float32
-    block_m = 16 if config.use_dot else triton.next_power_of_2(max(M, 1))
-    grid = (triton.cdiv(N, config.block_n), config.num_splits(K))
+    block_m = 16 if config.use_dot else min(triton.next_power_of_2(max(M, 1)), 16)
+    grid = (triton.cdiv(N, config.block_n), config.num_splits(K), triton.cdiv(M, block_m))
     _gemv_kernel[grid](
-        x, w, bias if bias is not None else w, out, M, N, K,
+        x, w, bias if bias is not None else w, out, M, N, K, config.k_per_split(K),
         x.stride(0), w.stride(0), w.stride(1), out.stride(-2), out.stride(0) if partial else 0,
-        K_PER_SPLIT=config.k_per_split(K),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         USE_DOT=config.use_dot, DOT_FP32=fp32 or interp, IEEE=fp32 and not interp,
-        HAS_BIAS=bias is not None, GELU=gelu, PARTIAL=partial, num_warps=config.num_warps)
+        HAS_BIAS=bias is not None, GELU=gelu, PARTIAL=partial, WHILE_LOOP=interp,
+        num_warps=config.num_warps)
 
 
 def gemv_partials(x: torch.Tensor, w: torch.Tensor, config: GemvConfig) -> torch.Tensor:
