@@ -142,6 +142,23 @@ assert got != want
 print("sabotage caught")
 """
 
+TENSOR_PARALLEL = r"""
+from course_lib.engine import LLM, SamplingParams
+from course_lib.tiny import load_tiny
+
+if __name__ == "__main__":
+    model, tok = load_tiny()
+    prompts = [tok.encode(t) for t in ("def ", "Return the")]
+    p = SamplingParams(max_tokens=4, ignore_eos=True)
+    want = [o.token_ids for o in LLM(model, device="cpu", block_size=4).generate(prompts, p)]
+    llm = LLM(model, device="cpu", block_size=4, attention="triton", fused_kernels=True, tensor_parallel_size=2,
+              num_kv_blocks=40, max_num_batched_tokens=16)
+    assert llm.engine.runner.fused is not None
+    assert [o.token_ids for o in llm.generate(prompts, p)] == want
+    llm.shutdown()
+    print("tensor parallel fused ok")
+"""
+
 
 def _interpret(script: str, marker: str):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
@@ -159,6 +176,12 @@ def test_gemv_and_fused_kernels_match_torch_in_interpreter():
 def test_engine_greedy_equal_with_fused_kernels_in_interpreter():
     pytest.importorskip("triton")
     _interpret(ENGINE, "sabotage caught")
+
+
+def test_tensor_parallel_with_fused_kernels_in_interpreter():
+    """Two ranks: each projection completed and all-reduced before the fused add + LayerNorm."""
+    pytest.importorskip("triton")
+    _interpret(TENSOR_PARALLEL, "tensor parallel fused ok")
 
 
 # ---------------------------------------------------------------------- host side, no kernels run

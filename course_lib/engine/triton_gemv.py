@@ -9,7 +9,8 @@ flight for the wide-K products (6400 -> 1600 has only 1600 output columns to sha
 The kernel here gives every program a ``BLOCK_N``-column slice of ``W`` and a ``1/split`` share of
 its K rows (**split-K**), so even a narrow product keeps every SM streaming. Each program keeps an
 fp32 accumulator of ``(BLOCK_M, BLOCK_N)``: for one row a multiply-and-sum on the CUDA cores, for
-several rows ``tl.dot`` on 16 padded rows (tensor cores; the padding costs no memory traffic). With
+several rows ``tl.dot`` on tiles of 16 rows, padded (tensor cores; the padding costs no memory
+traffic; more than 16 rows take more row tiles, a third grid axis). With
 ``split == 1`` the bias and GELU are applied in the epilogue and the result is written in the
 input's dtype; with ``split > 1`` each program writes an fp32 partial ``(split, M, N)`` that a
 consumer sums: :func:`splitk_reduce` (bias, GELU, cast: one small kernel), or the fused residual
