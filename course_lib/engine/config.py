@@ -72,6 +72,8 @@ class EngineConfig:
     * ``max_kv_splits``: split-KV decode attention of the triton path — small steps split each
       sequence's keys over up to this many programs so a batch of 1 fills the GPU; 1 turns it off
       (default: 32 on CUDA, 1 elsewhere).
+    * ``fused_kernels``: run the forward through fused Triton kernels (add + LayerNorm, bias + GELU,
+      decode GEMVs; fused_forward.py); default on with attention="triton" on CUDA, off on CPU.
     * ``snapshot``: record every step for the glass box (snapshot.py).
     * ``peak_flops``, ``peak_bandwidth``: measured ceilings (FLOP/s, bytes/s) for the ledger's MFU/MBU.
     * ``tensor_parallel_size``: ranks the weights and the KV cache are split over by heads and MLP
@@ -89,6 +91,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention: str | None = None
     cuda_graphs: bool | None = None
+    fused_kernels: bool | None = None
     snapshot: bool = False
     peak_flops: float | None = None
     peak_bandwidth: float | None = None
@@ -105,6 +108,7 @@ class EngineConfig:
         for name in ("enable_chunked_prefill", "enable_prefix_caching", "snapshot"):
             _flag(name, getattr(self, name))
         _flag("cuda_graphs", self.cuda_graphs, optional=True)
+        _flag("fused_kernels", self.fused_kernels, optional=True)
         _positive_number("peak_flops", self.peak_flops)
         _positive_number("peak_bandwidth", self.peak_bandwidth)
         f = self.gpu_memory_fraction
@@ -147,6 +151,10 @@ class EngineConfig:
         if cuda_graphs and attention != "triton":
             raise ConfigError("cuda_graphs=True captures whole steps, which only attention='triton' can do "
                               "(the torch path reads host-side lengths); use attention='triton' or cuda_graphs=False")
+        fused = (cuda and attention == "triton") if self.fused_kernels is None else self.fused_kernels
+        if fused and attention != "triton":
+            raise ConfigError("fused_kernels=True runs Triton kernels, which needs attention='triton' "
+                              "(CUDA, or TRITON_INTERPRET=1 on CPU); use attention='triton' or fused_kernels=False")
         if self.gpu_memory_fraction is not None and not cuda:
             raise ConfigError("gpu_memory_fraction needs a CUDA device; on CPU pass num_kv_blocks")
         if attention != "triton" and self.max_kv_splits not in (None, 1):
@@ -157,6 +165,7 @@ class EngineConfig:
         max_num_seqs = self.max_num_seqs or (256 if cuda else 64)
         budget = self.max_num_batched_tokens or max(8192 if cuda else 2048, model.n_positions)
         return dataclasses.replace(self, device=device, dtype=dtype, attention=attention, cuda_graphs=cuda_graphs,
+                                   fused_kernels=fused,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                                    max_kv_splits=max_kv_splits)
 

@@ -11,6 +11,11 @@ the weights — its heads, its MLP columns — and :meth:`ModelRunner.all_reduce
 outputs of the two row-split products (attention's output projection, the MLP's second matmul);
 with one rank it returns its input.
 
+On CUDA with attention="triton" the same forward runs through fused kernels by default
+(``EngineConfig.fused_kernels``; fused_forward.py lists which kernel does what): add + LayerNorm
+in one kernel, GEMVs of our own for the few rows of a decode step. The lines below stay the
+reference, and are what runs on the CPU.
+
 Two ways to run a step, one forward: eagerly (CPU, or CUDA with ``cuda_graphs=False``), or by
 replaying the CUDA graph captured for the step's token-count bucket (step_graphs.py), which
 turns a step's hundreds of kernel launches into one.
@@ -55,9 +60,10 @@ def to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, 
 
 
 class ModelRunner:
-    def __init__(self, model: GPT, kv_cache: PagedKVCache, attention, tp=None):
+    def __init__(self, model: GPT, kv_cache: PagedKVCache, attention, tp=None, fused_kernels: bool = False):
         """``model``: the GPT, or this rank's shard of it; ``tp``: the rank's
-        :class:`~course_lib.engine.tensor_parallel.Collectives` (None: one rank)."""
+        :class:`~course_lib.engine.tensor_parallel.Collectives` (None: one rank); ``fused_kernels``:
+        run :class:`~course_lib.engine.fused_forward.FusedForward` (Triton) instead of the lines below."""
         self.model = model
         self.config = model.config
         self.kv = kv_cache
@@ -68,6 +74,11 @@ class ModelRunner:
         self.fused_gelu = model.config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
         self.step_graphs = None        # StepGraphs once captured (step_graphs.py)
         self.tp = tp
+        self.fused = None
+        if fused_kernels:
+            from .fused_forward import FusedForward
+
+            self.fused = FusedForward(self)
 
     def execute(self, flat: FlatBatch) -> torch.Tensor:
         """Logits ``(R, V)`` of the batch's logit rows; every new token's K/V written to the pool."""
@@ -95,6 +106,8 @@ class ModelRunner:
     def forward(self, b: DeviceBatch, logits_out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(R, V)`` for the rows in ``b.logits_indices``; writes every new token's K/V.
         ``logits_out`` (R, V): write them there (the step graphs share one logits buffer)."""
+        if self.fused is not None:
+            return self.fused.forward(b, logits_out)
         tr = self.model.transformer
         N = b.input_ids.shape[0]
         H, Dh = self.kv.num_heads, self.config.head_dim               # this rank's heads (all, with one rank)
@@ -123,7 +136,8 @@ def build_runner(model: GPT, config: EngineConfig, num_kv_blocks: int, tp=None) 
     kv = PagedKVCache(cfg, num_kv_blocks, config.block_size, config.dtype, device,
                       triton_write=device.type == "cuda" and config.attention == "triton",
                       num_heads=cfg.n_head // config.tensor_parallel_size)
-    runner = ModelRunner(model, kv, make_attention(config.attention, config.max_kv_splits), tp)
+    runner = ModelRunner(model, kv, make_attention(config.attention, config.max_kv_splits), tp,
+                         fused_kernels=bool(config.fused_kernels))
     if config.cuda_graphs:
         from .step_graphs import StepGraphs
 

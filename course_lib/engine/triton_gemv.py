@@ -1,0 +1,252 @@
+"""Decode GEMVs of our own: ``y = x @ W (+ bias) (then GELU)`` for a handful of token rows.
+
+At decode a step multiplies a few token rows (M = batch, often 1) by every weight matrix of the
+model, so its time is the time to stream the weights from memory once: GPT-2 XL's 48 layers x 4
+products + the LM head are ~3.1 GB of bf16, ~0.74 ms at the H200's ~4.2 TB/s. cuBLAS picks its
+kernels for matmuls, and at M = 1 leaves half of that bandwidth unused: too few thread blocks in
+flight for the wide-K products (6400 -> 1600 has only 1600 output columns to share out).
+
+The kernel here gives every program a ``BLOCK_N``-column slice of ``W`` and a ``1/split`` share of
+its K rows (**split-K**), so even a narrow product keeps every SM streaming. Each program keeps an
+fp32 accumulator of ``(BLOCK_M, BLOCK_N)``: for one row a multiply-and-sum on the CUDA cores, for
+several rows ``tl.dot`` on tiles of 16 rows, padded (tensor cores; the padding costs no memory
+traffic; more than 16 rows take more row tiles, a third grid axis). With
+``split == 1`` the bias and GELU are applied in the epilogue and the result is written in the
+input's dtype; with ``split > 1`` each program writes an fp32 partial ``(split, M, N)`` that a
+consumer sums: :func:`splitk_reduce` (bias, GELU, cast: one small kernel), or the fused residual
+add + LayerNorm of triton_fused.py, which takes the partials directly.
+
+Which configuration runs for which shape is a host decision made when the step is captured
+(:func:`plan_gemv`: a table measured on the H200 by benchmarks/bench_kernels.py, else a rule from
+the shape); ``None`` means cuBLAS (many rows, where its matmul kernels are the better choice).
+``W`` is any ``(K, N)`` view: the GPT's Conv1D weights are ``(in, out)`` with N contiguous, the LM
+head is ``wte.t()`` with K contiguous. Runs on CPU through the Triton interpreter (tests/test_fused_kernels.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import InputError
+
+#: the most token rows plan_gemv gives the GEMV (it tiles rows by 16; past this cuBLAS is the better choice)
+GEMV_MAX_ROWS = 64
+#: the most rows a shape missing from MEASURED gives the GEMV; more go to cuBLAS
+DEFAULT_MAX_ROWS = 8
+#: programs to aim for with split-K: about two per SM of an H200 (132 SMs)
+TARGET_PROGRAMS = 264
+#: fewest K rows a split may get (shorter ones spend more on partials than they save)
+MIN_K_PER_SPLIT = 256
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """One launch shape: ``block_n`` output columns a program, ``block_k`` K rows a loop trip,
+    ``split`` programs sharing each column slice's K, ``use_dot``: ``tl.dot`` on 16 padded rows
+    (else a multiply-and-sum on ``next_power_of_2(M)`` rows)."""
+
+    block_n: int = 128
+    block_k: int = 64
+    split: int = 1
+    num_warps: int = 4
+    use_dot: bool = False
+
+    def k_per_split(self, K: int) -> int:
+        """K rows of one split, a multiple of ``block_k``."""
+        return triton.cdiv(triton.cdiv(K, self.split), self.block_k) * self.block_k
+
+    def num_splits(self, K: int) -> int:
+        """Splits actually launched (rounding ``k_per_split`` up can leave fewer than ``split``)."""
+        return triton.cdiv(K, self.k_per_split(K))
+
+
+#: measured choices, (K, N, k_contiguous, rows bucket) -> config, or None for cuBLAS.
+#: Filled from benchmarks/bench_kernels.py's "best" entries on an H200; shapes not here use
+#: :func:`default_config`.
+MEASURED: dict[tuple[int, int, bool, int], GemvConfig | None] = {}
+
+
+def rows_bucket(M: int) -> int:
+    return 1 if M <= 1 else triton.next_power_of_2(M)
+
+
+def default_config(M: int, K: int, N: int, k_contiguous: bool) -> GemvConfig:
+    """The rule for shapes the table lacks: enough programs to cover every SM twice, each with at
+    least ``MIN_K_PER_SPLIT`` K rows; K-contiguous weights (the LM head) read longer K runs."""
+    block_n, block_k = (64, 128) if k_contiguous else (128, 64)
+    use_dot = M > 1
+    n_blocks = triton.cdiv(N, block_n)
+    split = max(1, min(triton.cdiv(TARGET_PROGRAMS, n_blocks), K // MIN_K_PER_SPLIT))
+    return GemvConfig(block_n=block_n, block_k=block_k, split=split, num_warps=4, use_dot=use_dot)
+
+
+def plan_gemv(M: int, K: int, N: int, k_contiguous: bool = False) -> GemvConfig | None:
+    """The kernel for ``(M, K) @ (K, N)``: a :class:`GemvConfig`, or ``None`` for cuBLAS. Decided
+    from the shape only (once per captured token bucket), never from the data."""
+    if M > GEMV_MAX_ROWS:
+        return None
+    key = (K, N, k_contiguous, rows_bucket(M))
+    if key in MEASURED:
+        return MEASURED[key]
+    if M > DEFAULT_MAX_ROWS:
+        return None
+    return default_config(M, K, N, k_contiguous)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _gelu_tanh(y):
+    # GPT-2's 0.5 y (1 + tanh(u)), u = sqrt(2/pi) (y + 0.044715 y^3), written as y * sigmoid(2u)
+    u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+    return y / (1.0 + tl.exp(-2.0 * u))
+
+
+@triton.jit
+def _gemv_block(acc, x_ptr, w_ptr, rm, m_ok, rn, n_ok, k, K, stride_xm, stride_wk, stride_wn,
+                USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """``acc += x[rows, k] @ w[k, cols]`` for one trip of ``BLOCK_K`` K rows."""
+    k_ok = k < K
+    x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    w = tl.load(w_ptr + k[:, None] * stride_wk + rn[None, :] * stride_wn,
+                mask=k_ok[:, None] & n_ok[None, :], other=0.0)                  # (BLOCK_K, BLOCK_N)
+    if USE_DOT:
+        if DOT_FP32:
+            if IEEE:
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+        else:
+            acc += tl.dot(x, w)
+    else:
+        acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split,
+                 stride_xm, stride_wk, stride_wn, stride_om, stride_os,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, GELU: tl.constexpr, PARTIAL: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    k_lo = pid_s * k_per_split
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if WHILE_LOOP:        # the interpreter cannot range() over an argument; compiled code can (and pipelines it)
+        k0 = 0
+        while k0 < k_per_split:
+            acc = _gemv_block(acc, x_ptr, w_ptr, rm, m_ok, rn, n_ok, k_lo + k0 + rk, K, stride_xm, stride_wk,
+                              stride_wn, USE_DOT, DOT_FP32, IEEE)
+            k0 += BLOCK_K
+    else:
+        for k0 in range(0, k_per_split, BLOCK_K):
+            acc = _gemv_block(acc, x_ptr, w_ptr, rm, m_ok, rn, n_ok, k_lo + k0 + rk, K, stride_xm, stride_wk,
+                              stride_wn, USE_DOT, DOT_FP32, IEEE)
+    ok = m_ok[:, None] & n_ok[None, :]
+    if PARTIAL:                     # fp32 partial of this split: (split, M, N), summed by the consumer
+        tl.store(out_ptr + pid_s * stride_os + rm[:, None] * stride_om + rn[None, :], acc, mask=ok)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if GELU:
+            acc = _gelu_tanh(acc)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_ps, stride_pm, stride_om,
+                          SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+    m = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = rn < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(part_ptr + s * stride_ps + m * stride_pm + rn, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=ok, other=0.0).to(tl.float32)
+    if GELU:
+        acc = _gelu_tanh(acc)
+    tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _check(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int]:
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[0]:
+        raise InputError(f"gemv needs x (M, K) and w (K, N); got x {tuple(x.shape)} and w {tuple(w.shape)}")
+    if x.stride(1) != 1:
+        raise InputError("gemv needs x's rows contiguous (x.stride(1) == 1); pass x.contiguous()")
+    return x.shape[0], x.shape[1], w.shape[1]
+
+
+def _launch(x, w, bias, out, config: GemvConfig, gelu: bool, partial: bool) -> None:
+    M, K, N = x.shape[0], x.shape[1], w.shape[1]
+    interp = _interpreting()
+    fp32 = x.dtype == torch.float32 or w.dtype == torch.float32
+    block_m = 16 if config.use_dot else min(triton.next_power_of_2(max(M, 1)), 16)
+    grid = (triton.cdiv(N, config.block_n), config.num_splits(K), triton.cdiv(M, block_m))
+    _gemv_kernel[grid](
+        x, w, bias if bias is not None else w, out, M, N, K, config.k_per_split(K),
+        x.stride(0), w.stride(0), w.stride(1), out.stride(-2), out.stride(0) if partial else 0,
+        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        USE_DOT=config.use_dot, DOT_FP32=fp32 or interp, IEEE=fp32 and not interp,
+        HAS_BIAS=bias is not None, GELU=gelu, PARTIAL=partial, WHILE_LOOP=interp,
+        num_warps=config.num_warps)
+
+
+def gemv_partials(x: torch.Tensor, w: torch.Tensor, config: GemvConfig) -> torch.Tensor:
+    """The split-K partial products of ``x (M, K) @ w (K, N)``: fp32 ``(splits, M, N)`` whose sum
+    over the first axis is the product (no bias). One launch."""
+    M, K, N = _check(x, w)
+    out = torch.empty(config.num_splits(K), M, N, dtype=torch.float32, device=x.device)
+    if M:
+        _launch(x, w, None, out, config, gelu=False, partial=True)
+    return out
+
+
+def splitk_reduce(partials: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
+                  out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``sum(partials, 0) (+ bias) (then GELU)`` as ``(M, N)`` in ``dtype`` (or ``out``'s). One launch."""
+    S, M, N = partials.shape
+    if out is None:
+        out = torch.empty(M, N, dtype=dtype or partials.dtype, device=partials.device)
+    if M:
+        block_n = 1024
+        _splitk_reduce_kernel[(M, triton.cdiv(N, block_n))](
+            partials, bias if bias is not None else partials, out, M, N,
+            partials.stride(0), partials.stride(1), out.stride(0), SPLIT=S,
+            BLOCK_N=block_n, HAS_BIAS=bias is not None, GELU=gelu)
+    return out
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
+         out: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor:
+    """``x (M, K) @ w (K, N) (+ bias) (then tanh-GELU)`` → ``(M, N)`` in ``x``'s dtype (or into
+    ``out``, rows contiguous), fp32 accumulation. One launch with ``split == 1``, two otherwise
+    (partials, then :func:`splitk_reduce`). ``config``: default :func:`plan_gemv`'s rule."""
+    M, K, N = _check(x, w)
+    if config is None:
+        config = default_config(M, K, N, w.stride(0) == 1)
+    if out is None:
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    elif out.shape != (M, N) or out.stride(1) != 1:
+        raise InputError(f"out must be ({M}, {N}) with contiguous rows, got {tuple(out.shape)}")
+    if M == 0:
+        return out
+    if config.num_splits(K) == 1:
+        _launch(x, w, bias, out, config, gelu=gelu, partial=False)
+        return out
+    return splitk_reduce(gemv_partials(x, w, config), bias, gelu, out=out)

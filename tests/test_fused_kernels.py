@@ -1,0 +1,221 @@
+"""The fused kernels (triton_fused.py), the decode GEMV (triton_gemv.py) and the fused forward
+(fused_forward.py) on CPU: kernels through the Triton interpreter against torch, the engine's
+greedy outputs with fused kernels on vs off, and the host-side decisions (plans, config).
+
+Interpreted checks run in a fresh process (TRITON_INTERPRET=1 must be set before the kernels are
+defined). The GPU side, timing included, is benchmarks/bench_kernels.py.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from course_lib.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+KERNELS = r"""
+import torch
+import torch.nn.functional as F
+from course_lib.engine.triton_gemv import GemvConfig, default_config, gemv, gemv_partials, splitk_reduce
+from course_lib.engine.triton_fused import add_layernorm, bias_gelu, embed_layernorm
+from course_lib.errors import InputError
+
+torch.manual_seed(0)
+
+def close(got, ref, dtype, what):
+    # fp32: exact up to summation order; bf16: the output's rounding (2^-8 of the largest value)
+    err = (got.float() - ref.float()).abs().max().item()
+    tol = 2e-5 * max(1.0, ref.abs().max().item()) if dtype == torch.float32 else 1.6e-2 * ref.abs().max().item()
+    assert err <= tol, (what, err, tol)
+
+# shapes not multiples of any block, both weight layouts, rows 1..8 and 20 (two row tiles)
+n = 0
+for dtype in (torch.float32, torch.bfloat16):
+    for K, N in ((100, 70), (130, 257)):
+        for M in (1, 3, 8, 20):
+            x = torch.randn(M, K, dtype=dtype)
+            w = (torch.randn(K, N) / K ** 0.5).to(dtype)
+            b = torch.randn(N, dtype=dtype)
+            ref = x.float() @ w.float()
+            configs = [GemvConfig(block_n=32, block_k=32, split=1, use_dot=M > 1),     # one launch, epilogue
+                       GemvConfig(block_n=64, block_k=32, split=3, use_dot=False),     # split-K + reduce
+                       GemvConfig(block_n=32, block_k=64, split=2, use_dot=True), None]   # None: the default rule
+            for i, cfg in enumerate(configs):
+                close(gemv(x, w, config=cfg), ref, dtype, ("no bias", K, N, M, cfg))
+                close(gemv(x, w, b, gelu=i < 2, config=cfg), F.gelu(ref + b.float(), approximate="tanh")
+                      if i < 2 else ref + b.float(), dtype, ("bias (+gelu)", K, N, M, cfg))
+                n += 2
+            wt = (torch.randn(N, K) / K ** 0.5).to(dtype)            # the LM head's layout: (K, N) view, K contiguous
+            close(gemv(x, wt.t()), x.float() @ wt.float().t(), dtype, ("k-contiguous", K, N, M))
+            cfg = configs[1]
+            parts = gemv_partials(x, w, cfg)
+            assert parts.shape == (cfg.num_splits(K), M, N) and parts.dtype == torch.float32
+            close(parts.sum(0), ref, torch.float32 if dtype == torch.float32 else dtype, ("partials", K, N, M))
+            close(splitk_reduce(parts, b, gelu=True, dtype=dtype), F.gelu(ref + b.float(), approximate="tanh"),
+                  dtype, ("reduce", K, N, M))
+            out = torch.full((M, N), float("nan"), dtype=dtype)
+            assert gemv(x, w, b, out=out, config=cfg) is out and not out.isnan().any()
+            n += 3
+for bad in (lambda: gemv(torch.randn(2, 5), torch.randn(6, 3)), lambda: gemv(torch.randn(5, 4).t(), torch.randn(5, 3)),
+            lambda: gemv(torch.randn(2, 5), torch.randn(5, 3), out=torch.empty(3, 2))):
+    try:
+        bad()
+        raise SystemExit("bad gemv input accepted")
+    except InputError:
+        pass
+print("gemv ok", n)
+
+for dtype in (torch.float32, torch.bfloat16):
+    for D, rows in ((48, 5), (100, 3)):                          # D = 100: not a power of two
+        ln = torch.nn.LayerNorm(D, dtype=dtype)
+        with torch.no_grad():
+            ln.weight.normal_(), ln.bias.normal_()
+        lnf = lambda t: F.layer_norm(t.float(), (D,), ln.weight.float(), ln.bias.float())   # noqa: E731
+        x = torch.randn(rows, D, dtype=dtype)
+        d = torch.randn(rows, D, dtype=dtype)
+        parts, db = torch.randn(4, rows, D), torch.randn(D, dtype=dtype)
+        x_new, h = add_layernorm(x, ln, d)
+        close(x_new, x + d, dtype, "x + d")
+        close(h, lnf(x + d), dtype, "ln(x + d)")
+        x_new, h = add_layernorm(x, ln, parts, db)                # split-K partials summed, bias added
+        want = (x.float() + parts.sum(0) + db.float()).to(dtype)
+        close(x_new, want, dtype, "x + partials + bias")
+        close(h, lnf(want), dtype, "ln(x + partials + bias)")
+        sel = torch.tensor([rows - 1, 0, rows - 1])
+        none, h = add_layernorm(x, ln, d, db, rows=sel)           # the logit rows only, LayerNorm only
+        assert none is None and h.shape == (3, D)
+        close(h, lnf((x + (d.float() + db.float()).to(dtype))[sel]), dtype, "gathered rows")
+        _, h = add_layernorm(x, ln)                               # no delta: a plain LayerNorm
+        close(h, lnf(x), dtype, "plain LayerNorm")
+        wte, wpe = torch.randn(30, D, dtype=dtype), torch.randn(20, D, dtype=dtype)
+        ids, pos = torch.randint(0, 30, (rows,)), torch.randint(0, 20, (rows,))
+        x_e, h_e = embed_layernorm(ids, pos, wte, wpe, ln)
+        close(x_e, wte[ids] + wpe[pos], dtype, "embed")          # (the interpreter rounds bf16 its own way)
+        close(h_e, lnf(wte[ids] + wpe[pos]), dtype, "embed + ln")
+        y, b = torch.randn(rows, 3 * D + 7, dtype=dtype), torch.randn(3 * D + 7, dtype=dtype)
+        close(bias_gelu(y, b), F.gelu(y.float() + b.float(), approximate="tanh"), dtype, "bias + gelu")
+for bad in (lambda: add_layernorm(torch.randn(3, 8), torch.nn.LayerNorm(8), torch.randn(2, 8)),
+            lambda: bias_gelu(torch.randn(3, 8), torch.randn(7))):
+    try:
+        bad()
+        raise SystemExit("bad input accepted")
+    except InputError:
+        pass
+print("fused ok")
+"""
+
+ENGINE = r"""
+import torch
+from course_lib.engine import LLM, SamplingParams
+from course_lib.engine import triton_fused
+from course_lib.tiny import load_tiny
+
+model, tok = load_tiny()
+base = tok.encode("The for statement is used to iterate over the elements")[:20]
+prompts = [tok.encode(t) for t in ("def ", "Return the", "The while statement", "import os\n")]
+prompts += [base + tok.encode(" of a"), base + [17], base[:13]]
+p = SamplingParams(max_tokens=6, ignore_eos=True)
+kw = dict(device="cpu", block_size=4, attention="triton", max_num_batched_tokens=24, num_kv_blocks=40)
+want = [o.token_ids for o in LLM(model, fused_kernels=False, **kw).generate(prompts, p)]
+llm = LLM(model, fused_kernels=True, **kw)
+assert llm.engine.runner.fused is not None
+assert [o.token_ids for o in llm.generate(prompts, p)] == want
+plans = llm.engine.runner.fused._plans
+assert any(v is None for v in plans.values()), "a prefill step should have used cuBLAS (many rows)"
+assert any(v is not None and v.split > 1 for v in plans.values()), "a decode step should have used split-K"
+print("fused engine ok", len(plans))
+
+# teeth: a LayerNorm that forgets its bias changes the outputs
+orig = triton_fused.add_layernorm
+def broken(x, ln, *a, **k):
+    class NoBias:
+        weight, bias, eps = ln.weight, torch.zeros_like(ln.bias), ln.eps
+    return orig(x, NoBias, *a, **k)
+import course_lib.engine.fused_forward as ff
+ff.add_layernorm = broken
+got = [o.token_ids for o in LLM(model, fused_kernels=True, **kw).generate(prompts, p)]
+assert got != want
+print("sabotage caught")
+"""
+
+TENSOR_PARALLEL = r"""
+from course_lib.engine import LLM, SamplingParams
+from course_lib.tiny import load_tiny
+
+if __name__ == "__main__":
+    model, tok = load_tiny()
+    prompts = [tok.encode(t) for t in ("def ", "Return the")]
+    p = SamplingParams(max_tokens=4, ignore_eos=True)
+    want = [o.token_ids for o in LLM(model, device="cpu", block_size=4).generate(prompts, p)]
+    llm = LLM(model, device="cpu", block_size=4, attention="triton", fused_kernels=True, tensor_parallel_size=2,
+              num_kv_blocks=40, max_num_batched_tokens=16)
+    assert llm.engine.runner.fused is not None
+    assert [o.token_ids for o in llm.generate(prompts, p)] == want
+    llm.shutdown()
+    print("tensor parallel fused ok")
+"""
+
+
+def _interpret(script: str, marker: str):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert marker in r.stdout, r.stdout
+    return r.stdout
+
+
+def test_gemv_and_fused_kernels_match_torch_in_interpreter():
+    pytest.importorskip("triton")
+    _interpret(KERNELS, "fused ok")
+
+
+def test_engine_greedy_equal_with_fused_kernels_in_interpreter():
+    pytest.importorskip("triton")
+    _interpret(ENGINE, "sabotage caught")
+
+
+def test_tensor_parallel_with_fused_kernels_in_interpreter():
+    """Two ranks: each projection completed and all-reduced before the fused add + LayerNorm."""
+    pytest.importorskip("triton")
+    _interpret(TENSOR_PARALLEL, "tensor parallel fused ok")
+
+
+# ---------------------------------------------------------------------- host side, no kernels run
+def test_plan_gemv_rules():
+    pytest.importorskip("triton")
+    from course_lib.engine import triton_gemv as G
+
+    c = G.plan_gemv(1, 6400, 1600)               # XL's narrow MLP projection: split-K fills the SMs
+    assert c is not None and c.split > 1 and not c.use_dot
+    assert c.num_splits(6400) * c.k_per_split(6400) >= 6400 > (c.num_splits(6400) - 1) * c.k_per_split(6400)
+    assert c.k_per_split(6400) % c.block_k == 0 and c.k_per_split(6400) >= G.MIN_K_PER_SPLIT
+    n_blocks = -(-1600 // c.block_n)
+    assert n_blocks * c.num_splits(6400) >= G.TARGET_PROGRAMS * 0.75
+    assert G.plan_gemv(8, 1600, 4800).use_dot                   # several rows: tensor cores
+    assert G.plan_gemv(1, 1600, 50257, k_contiguous=True).split == 1   # 50k columns are enough programs
+    assert G.plan_gemv(G.DEFAULT_MAX_ROWS + 1, 1600, 4800) is None     # many rows: cuBLAS
+    key = (1600, 4800, False, 1)
+    G.MEASURED[key] = None                                      # a measured table entry wins
+    try:
+        assert G.plan_gemv(1, 1600, 4800) is None
+    finally:
+        del G.MEASURED[key]
+
+
+def test_fused_kernels_config():
+    from course_lib.engine import LLM
+    from course_lib.engine.config import EngineConfig
+    from course_lib.tiny import load_tiny
+
+    with pytest.raises(ConfigError, match="fused_kernels must be True or False"):
+        EngineConfig(fused_kernels="yes")
+    with pytest.raises(ConfigError, match="fused_kernels=True runs Triton kernels"):
+        LLM("tiny", device="cpu", attention="torch", fused_kernels=True)
+    model, _ = load_tiny()
+    resolved = EngineConfig(device="cpu").resolve(model.config)
+    assert resolved.fused_kernels is False                      # off on CPU by default...
+    assert LLM(model, device="cpu").engine.runner.fused is None  # ...and unused
