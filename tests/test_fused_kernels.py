@@ -185,10 +185,12 @@ def test_tensor_parallel_with_fused_kernels_in_interpreter():
 
 
 # ---------------------------------------------------------------------- host side, no kernels run
-def test_plan_gemv_rules():
+def test_plan_gemv_rules(monkeypatch):
     pytest.importorskip("triton")
     from course_lib.engine import triton_gemv as G
 
+    measured = dict(G.MEASURED)
+    monkeypatch.setattr(G, "MEASURED", {})                   # the rules for shapes never measured
     c = G.plan_gemv(1, 6400, 1600)               # XL's narrow MLP projection: split-K fills the SMs
     assert c is not None and c.split > 1 and not c.use_dot
     assert c.num_splits(6400) * c.k_per_split(6400) >= 6400 > (c.num_splits(6400) - 1) * c.k_per_split(6400)
@@ -198,12 +200,16 @@ def test_plan_gemv_rules():
     assert G.plan_gemv(8, 1600, 4800).use_dot                   # several rows: tensor cores
     assert G.plan_gemv(1, 1600, 50257, k_contiguous=True).split == 1   # 50k columns are enough programs
     assert G.plan_gemv(G.DEFAULT_MAX_ROWS + 1, 1600, 4800) is None     # many rows: cuBLAS
-    key = (1600, 4800, False, 1)
-    G.MEASURED[key] = None                                      # a measured table entry wins
-    try:
-        assert G.plan_gemv(1, 1600, 4800) is None
-    finally:
-        del G.MEASURED[key]
+    G.MEASURED[(1600, 4800, False, 1)] = None                   # a measured table entry wins
+    assert G.plan_gemv(1, 1600, 4800) is None
+    lm8 = G.GemvConfig(block_n=64, block_k=64, split=1, num_warps=4, use_dot=True)
+    G.MEASURED[(1600, 50257, True, 8)] = lm8
+    G.MEASURED[(1600, 50257, True, 32)] = None
+    assert G.plan_gemv(3, 1600, 50257, k_contiguous=True) == lm8     # the nearest measured M above
+    assert G.plan_gemv(9, 1600, 50257, k_contiguous=True) is None
+    # the shipped table: measured entries only, every value a config or None (cuBLAS)
+    assert measured and all(v is None or isinstance(v, G.GemvConfig) for v in measured.values())
+    assert measured[(1600, 50257, True, 8)] is not None          # the LM head: ours beat cuBLAS by 4x
 
 
 def test_fused_kernels_config():

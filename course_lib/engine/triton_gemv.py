@@ -67,10 +67,44 @@ class GemvConfig:
         return triton.cdiv(K, self.k_per_split(K))
 
 
-#: measured choices, (K, N, k_contiguous, rows bucket) -> config, or None for cuBLAS.
-#: Filled from benchmarks/bench_kernels.py's "best" entries on an H200; shapes not here use
-#: :func:`default_config`.
-MEASURED: dict[tuple[int, int, bool, int], GemvConfig | None] = {}
+#: measured choices, (K, N, k_contiguous, M measured) -> config, or None where cuBLAS was faster.
+#: From benchmarks/bench_kernels.py's "best" entries on an H200 (2026-12-01, torch 2.11, triton 3.6;
+#: benchmarks/results/2026-12-01_nvidia-h200_kernels.json): cuBLAS wins every GPT-2 projection
+#: but 3072->768 (124M's MLP down) and 6400->1600 at 8 rows; ours wins the LM head, by 1.25x at one
+#: row and 4x at 8 rows (cuBLAS falls to ~0.9 TB/s there). A step of M rows takes the entry
+#: of the smallest measured M >= its rows; shapes not here use :func:`default_config`.
+MEASURED: dict[tuple[int, int, bool, int], GemvConfig | None] = {
+    (768, 2304, False, 1): None,
+    (768, 2304, False, 8): None,
+    (768, 2304, False, 32): None,
+    (768, 768, False, 1): None,
+    (768, 768, False, 8): None,
+    (768, 768, False, 32): None,
+    (768, 3072, False, 1): None,
+    (768, 3072, False, 8): None,
+    (768, 3072, False, 32): None,
+    (3072, 768, False, 1): GemvConfig(block_n=64, block_k=128, split=12, num_warps=4, use_dot=False),
+    (3072, 768, False, 8): GemvConfig(block_n=128, block_k=128, split=6, num_warps=8, use_dot=True),
+    (3072, 768, False, 32): GemvConfig(block_n=128, block_k=128, split=6, num_warps=8, use_dot=True),
+    (768, 50257, True, 1): GemvConfig(block_n=32, block_k=128, split=1, num_warps=4, use_dot=False),
+    (768, 50257, True, 8): GemvConfig(block_n=128, block_k=64, split=1, num_warps=8, use_dot=True),
+    (768, 50257, True, 32): GemvConfig(block_n=256, block_k=64, split=1, num_warps=8, use_dot=True),
+    (1600, 4800, False, 1): None,
+    (1600, 4800, False, 8): None,
+    (1600, 4800, False, 32): None,
+    (1600, 1600, False, 1): None,
+    (1600, 1600, False, 8): None,
+    (1600, 1600, False, 32): None,
+    (1600, 6400, False, 1): None,
+    (1600, 6400, False, 8): None,
+    (1600, 6400, False, 32): None,
+    (6400, 1600, False, 1): None,
+    (6400, 1600, False, 8): GemvConfig(block_n=128, block_k=128, split=10, num_warps=8, use_dot=True),
+    (6400, 1600, False, 32): None,
+    (1600, 50257, True, 1): GemvConfig(block_n=64, block_k=128, split=1, num_warps=4, use_dot=True),
+    (1600, 50257, True, 8): GemvConfig(block_n=64, block_k=64, split=1, num_warps=4, use_dot=True),
+    (1600, 50257, True, 32): GemvConfig(block_n=256, block_k=64, split=1, num_warps=8, use_dot=True),
+}
 
 
 def rows_bucket(M: int) -> int:
@@ -92,9 +126,9 @@ def plan_gemv(M: int, K: int, N: int, k_contiguous: bool = False) -> GemvConfig 
     from the shape only (once per captured token bucket), never from the data."""
     if M > GEMV_MAX_ROWS:
         return None
-    key = (K, N, k_contiguous, rows_bucket(M))
-    if key in MEASURED:
-        return MEASURED[key]
+    measured = [m for (k, n, c, m) in MEASURED if (k, n, c) == (K, N, k_contiguous) and m >= M]
+    if measured:
+        return MEASURED[(K, N, k_contiguous, min(measured))]
     if M > DEFAULT_MAX_ROWS:
         return None
     return default_config(M, K, N, k_contiguous)
