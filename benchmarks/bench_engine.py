@@ -263,34 +263,76 @@ def run_model(shape, args, device, dtype, peaks, runs):
             torch._dynamo.reset()                                          # drop the compiled code and its graphs
 
     if "engine" in args.systems:
-        t = time.perf_counter()
-        llm = LLM(model, device=device, dtype=dtype, block_size=args.block_size,
-                  max_num_batched_tokens=max(args.max_num_batched_tokens, max(args.prefill_batches) * T),
-                  max_num_seqs=args.max_num_seqs, gpu_memory_fraction=0.85 if device.type == "cuda" else None,
-                  enable_prefix_caching=True, attention=args.engine_attention,
-                  cuda_graphs={"auto": None, "on": True, "off": False}[args.engine_graphs])
-        runner = llm.engine.runner
-        graphs = f"whole steps, {len(runner.step_graphs.buffers)} token buckets" if runner.step_graphs else "off"
-        log(f"  engine ready in {time.perf_counter() - t:.1f} s: {llm.engine.block_manager.num_blocks} KV blocks, "
-            f"attention={runner.attention.name}, cuda graphs: {graphs}")
-        if "prefill" in args.workloads:
-            for b in args.prefill_batches:
-                r = B.engine_prefill(llm, b, T, peaks)
-                record("engine", "prefill", b, T, T, r["tokens_per_s"], r["mfu"], r["mbu"])
-        if "decode" in args.workloads:
-            for b in args.decode_batches:
-                r = B.engine_decode(llm, b, ctx, args.decode_steps, peaks)
-                record("engine", "decode", b, ctx, ctx, r["tokens_per_s"], r["mfu"], r["mbu"])
-        if "serving" in args.workloads and shape in args.serving_models:
-            r = B.engine_serving(llm, prompts, outs)
-            record("engine", "serving", args.num_requests, None, None, r["tokens_per_s"],
-                   preemptions=llm.engine.scheduler.num_preemptions)
-        del llm, runner                       # the runner holds the KV pool and the graphs
+        for tp in args.tensor_parallel_size:
+            run_engine(model, shape, args, device, dtype, peaks, prompts, outs, T, ctx, tp, record)
+            free_memory()
     del model
     free_memory()
 
 
+def allreduce_ms_per_step(llm, batch: int, context: int) -> float | None:
+    """GPU milliseconds of rank 0's all-reduce kernels in one decode step (torch.profiler over a few
+    steps of a fresh decode batch); None on CPU or with one rank."""
+    if llm.engine.tp is None or llm.engine.device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    from course_lib.engine import SamplingParams
+
+    steps = 8
+    prompts = B.random_prompts(batch, (context, context), llm.model_config.vocab_size, seed=11)
+    seqs = [llm.engine.add_request(p, SamplingParams(max_tokens=steps + 2, ignore_eos=True)) for p in prompts]
+    llm.engine.step()                                  # the prefill, outside the profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            llm.engine.step()
+        torch.cuda.synchronize()
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    del seqs
+    us = sum(e.device_time_total for e in prof.key_averages() if "nccl" in e.key.lower() or "allreduce" in e.key.lower())
+    return us / 1e3 / steps
+
+
+def run_engine(model, shape, args, device, dtype, peaks, prompts, outs, T, ctx, tp, record):
+    """The engine's rows for one model at ``tp`` ranks (each row records ``tensor_parallel_size``)."""
+    t = time.perf_counter()
+    llm = LLM(model, device=device, dtype=dtype, block_size=args.block_size,
+              max_num_batched_tokens=max(args.max_num_batched_tokens, max(args.prefill_batches) * T),
+              max_num_seqs=args.max_num_seqs, gpu_memory_fraction=0.85 if device.type == "cuda" else None,
+              enable_prefix_caching=True, attention=args.engine_attention, tensor_parallel_size=tp,
+              cuda_graphs={"auto": None, "on": True, "off": False}[args.engine_graphs])
+    try:
+        runner = llm.engine.runner
+        graphs = f"whole steps, {len(runner.step_graphs.buffers)} token buckets" if runner.step_graphs else "off"
+        log(f"  engine (tensor_parallel_size={tp}) ready in {time.perf_counter() - t:.1f} s: "
+            f"{llm.engine.block_manager.num_blocks} KV blocks, attention={runner.attention.name}, cuda graphs: {graphs}")
+        del runner
+        if "prefill" in args.workloads:
+            for b in args.prefill_batches:
+                r = B.engine_prefill(llm, b, T, peaks)
+                record("engine", "prefill", b, T, T, r["tokens_per_s"], r["mfu"], r["mbu"], tensor_parallel_size=tp)
+        if "decode" in args.workloads:
+            for b in args.decode_batches:
+                r = B.engine_decode(llm, b, ctx, args.decode_steps, peaks)
+                record("engine", "decode", b, ctx, ctx, r["tokens_per_s"], r["mfu"], r["mbu"], tensor_parallel_size=tp,
+                       allreduce_ms_per_step=allreduce_ms_per_step(llm, b, ctx))
+        if "serving" in args.workloads and shape in args.serving_models:
+            r = B.engine_serving(llm, prompts, outs)
+            record("engine", "serving", args.num_requests, None, None, r["tokens_per_s"],
+                   preemptions=llm.engine.scheduler.num_preemptions, tensor_parallel_size=tp)
+    finally:
+        llm.shutdown()
+
+
 # ------------------------------------------------------------------ report
+def system_label(r) -> str:
+    """``engine``, or ``engine TP=2`` for a tensor-parallel row."""
+    n = r.get("tensor_parallel_size", 1)
+    return r["system"] + (f" TP={n}" if n > 1 else "")
+
+
 def markdown(result) -> str:
     c = result["ceilings"]
     lines = [f"device: {result['device']} · torch {result['torch']} · transformers {result['transformers']}",
@@ -301,7 +343,7 @@ def markdown(result) -> str:
     ratio = lambda v: f"{v:.2f}x" if v else ""                    # noqa: E731
     for r in result["runs"]:
         tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else f"error: {r.get('error', '')[:60]}"
-        system = r["system"] + ("" if r.get("cuda_graph", True) or r["workload"] != "decode" else " (eager)")
+        system = system_label(r) + ("" if r.get("cuda_graph", True) or r["workload"] != "decode" else " (eager)")
         if r["system"] == "torch-compile" and not r.get("compiled", True):
             system = "torch-compile (not compiled: no CUDA)"
         compile_s = f"{r['compile_s']:.1f}" if r.get("compile_s") else ""
@@ -333,11 +375,11 @@ def plot(result, path):
     except ImportError:
         return None
     groups = sorted({(r["model"], r["workload"], r["batch"]) for r in result["runs"] if r["workload"] != "load"})
-    systems = sorted({r["system"] for r in result["runs"]})
+    systems = sorted({system_label(r) for r in result["runs"]})
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4))
     width = 0.8 / max(1, len(systems))
     for j, s in enumerate(systems):
-        vals = [next((r["tokens_per_s"] or 0 for r in result["runs"] if r["system"] == s
+        vals = [next((r["tokens_per_s"] or 0 for r in result["runs"] if system_label(r) == s
                       and (r["model"], r["workload"], r["batch"]) == g), 0) for g in groups]
         ax.bar([i + j * width for i in range(len(groups))], vals, width, label=s)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
@@ -377,6 +419,7 @@ def main(argv=None):
                    help="whole-step CUDA graphs (auto: on with CUDA and triton)")
     p.add_argument("--engine-attention", default=None, choices=["torch", "triton"], help="attention path (default: triton on CUDA, torch on CPU)")
     p.add_argument("--device", default=None)
+    p.add_argument("--tensor-parallel-size", default="1", help="comma list of engine rank counts, e.g. 1,2")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
 
@@ -394,6 +437,7 @@ def main(argv=None):
         setattr(args, name, [s for s in getattr(args, name).split(",") if s])
     args.prefill_batches = [int(b) for b in args.prefill_batches.split(",")]
     args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
+    args.tensor_parallel_size = [int(n) for n in str(args.tensor_parallel_size).split(",")]
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

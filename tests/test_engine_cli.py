@@ -64,6 +64,19 @@ def test_bench_script_smoke_writes_results(tmp_path):
     assert "| model | workload |" in r.stdout
 
 
+def test_bench_script_tensor_parallel_rows(tmp_path):
+    """--tensor-parallel-size 1,2 gives one engine row per rank count, each saying its count
+    (on CPU the two ranks talk through gloo; no all-reduce time is profiled there)."""
+    r = _run("benchmarks/bench_engine.py", "--smoke", "--systems", "engine", "--workloads", "decode",
+             "--tensor-parallel-size", "1,2", "--out", str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (path,) = tmp_path.glob("*_smoke.json")
+    runs = json.loads(path.read_text())["runs"]
+    assert sorted((x["tensor_parallel_size"], x["batch"]) for x in runs) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all(x["tokens_per_s"] > 0 and x["allreduce_ms_per_step"] is None for x in runs)
+    assert "engine TP=2" in r.stdout
+
+
 def test_cli_generate_checkpoint_with_token_ids(tmp_path):
     import torch
 
