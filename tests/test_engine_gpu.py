@@ -152,7 +152,7 @@ def test_gpu_graph_replay_is_bitwise_the_eager_forward(ckpt, dtype):
         from course_lib.engine.sampler import sample
 
         seqs = [s.seq for s in flat.seqs if s.needs_logits]
-        for seq, tok in zip(seqs, sample(eager, seqs)[0]):
+        for seq, tok in zip(seqs, sample(eager, seqs).read()[0]):
             seq.append_token(tok, 0.0)
         eng.scheduler.finish_step(sched)
         checked += 1

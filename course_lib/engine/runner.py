@@ -42,6 +42,7 @@ class DeviceBatch:
     slot_mapping: torch.Tensor     # (N,)
     logits_indices: torch.Tensor   # (R,)
     attention: object              # TorchMetadata or TritonMetadata (attention.py)
+    feed_rows: torch.Tensor | None = None   # (N,) 0: id from input_ids; r + 1: the last step's sampled row r
 
 
 def to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -68,6 +69,14 @@ class ModelRunner:
         self.fused_gelu = model.config.activation_function in ("gelu_new", "gelu_pytorch_tanh")
         self.step_graphs = None        # StepGraphs once captured (step_graphs.py)
         self.tp = tp
+        # the tokens the last step sampled, (S,) on the device: a decode row of the next step whose
+        # token the host has not read yet takes its id from here (batch.py's feed_rows), also inside
+        # a captured step graph (a fixed address). Sized by build_runner (max_num_seqs rows).
+        self.sampled_tokens = torch.zeros(1, dtype=torch.long, device=self.device)
+
+    def keep_sampled(self, tokens: torch.Tensor) -> None:
+        """Keep the step's sampled tokens ``(R,)`` on the device for the next step's decode rows."""
+        self.sampled_tokens[:tokens.shape[0]].copy_(tokens)
 
     def execute(self, flat: FlatBatch) -> torch.Tensor:
         """Logits ``(R, V)`` of the batch's logit rows; every new token's K/V written to the pool."""
@@ -79,7 +88,7 @@ class ModelRunner:
         views = to_device(arrays, self.device)
         meta = self.attention.metadata(flat, views, self.kv.pool.dtype, self.kv.block_size)
         batch = DeviceBatch(views["input_ids"], views["positions"], views["slot_mapping"],
-                            views["logits_indices"], meta)
+                            views["logits_indices"], meta, views["feed_rows"])
         return self.forward(batch)
 
     def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
@@ -98,7 +107,11 @@ class ModelRunner:
         tr = self.model.transformer
         N = b.input_ids.shape[0]
         H, Dh = self.kv.num_heads, self.config.head_dim               # this rank's heads (all, with one rank)
-        x = tr.wte(b.input_ids) + tr.wpe(b.positions)                 # (N, D)
+        ids = b.input_ids                                              # (N,)
+        if b.feed_rows is not None:                                    # tokens still on the device: a gather
+            fed = self.sampled_tokens[(b.feed_rows - 1).clamp(min=0)]  # (N,)
+            ids = torch.where(b.feed_rows > 0, fed, ids)
+        x = tr.wte(ids) + tr.wpe(b.positions)                          # (N, D)
         for layer, block in enumerate(tr.h):
             h = block.ln_1(x)
             q, k, v = block.attn.c_attn(h).split(H * Dh, dim=-1)       # 3 x (N, H * Dh)
@@ -124,6 +137,7 @@ def build_runner(model: GPT, config: EngineConfig, num_kv_blocks: int, tp=None) 
                       triton_write=device.type == "cuda" and config.attention == "triton",
                       num_heads=cfg.n_head // config.tensor_parallel_size)
     runner = ModelRunner(model, kv, make_attention(config.attention), tp)
+    runner.sampled_tokens = torch.zeros(config.max_num_seqs, dtype=torch.long, device=device)   # (S,)
     if config.cuda_graphs:
         from .step_graphs import StepGraphs
 
