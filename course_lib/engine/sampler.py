@@ -101,5 +101,6 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
             continue
         logp = torch.log_softmax(logits[row].float(), dim=-1)      # (V,)
         top = torch.topk(logp, min(k, logp.shape[0]))
-        logprobs.append((row, top.indices, top.values, logp[tokens[row]]))
+        chosen = logp.gather(0, tokens[row:row + 1])[0]              # () no host read of the token
+        logprobs.append((row, top.indices, top.values, chosen))
     return DeviceSample(tokens, logprobs)
