@@ -8,6 +8,9 @@ streaming order is unchanged, an abort with a token in flight frees its blocks, 
 forward while a step is in flight leaves a state that finishes exactly.
 """
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -271,3 +274,11 @@ def test_async_scheduling_is_validated_and_resolved():
     assert EngineConfig(device="cpu").resolve(cfg).async_scheduling is True
     assert EngineConfig(device="cpu", async_scheduling=False).resolve(cfg).async_scheduling is False
     assert EngineConfig(device="cpu", tensor_parallel_size=2).resolve(cfg).async_scheduling is False
+
+
+def test_the_gpu_benchmark_script_runs_a_shape_on_cpu():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from bench_async import run_shape
+
+    r = run_shape(MODEL, torch.device("cpu"), batch=2, prompt_len=8, new=4, repeats=1)
+    assert r["tokens_equal"] and r["on"]["steps"] == r["off"]["steps"] == 4
