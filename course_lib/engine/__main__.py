@@ -73,6 +73,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto")
     g.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="ranks (processes; GPUs on CUDA) the heads and MLP columns are split over")
+    g.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
+                   help="prepare step n+1 while the device runs step n (auto: on, off with tensor parallelism)")
 
 
 def engine_config(args):
@@ -84,7 +86,8 @@ def engine_config(args):
                         enable_chunked_prefill=args.enable_chunked_prefill,
                         enable_prefix_caching=args.enable_prefix_caching, attention=args.attention,
                         cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
-                        tensor_parallel_size=args.tensor_parallel_size)
+                        tensor_parallel_size=args.tensor_parallel_size,
+                        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])
 
 
 def cmd_generate(args) -> int:
