@@ -109,7 +109,7 @@ class LLMEngine:
         on a GPU the host prepares step n while the device runs step n-1. It returns step n-1's
         tokens; a final call that issues nothing returns the last ones. Without it (a lag of 0) the
         same lines read step n's own tokens at the end of the call. Stops stay exact: a request that
-        reaches ``max_tokens`` is known to on the host and never scheduled again; one that samples
+        reaches ``max_tokens`` is known on the host and never scheduled again; one that samples
         an end-of-text or stop token is learnt a step late, and the token computed for it meanwhile
         is discarded (never appended, never counted).
 
