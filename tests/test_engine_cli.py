@@ -110,3 +110,14 @@ def test_every_bad_flag_is_one_line_and_exit_2(argv, message):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_cli_async_scheduling_flag_reaches_the_config():
+    import argparse
+
+    from course_lib.engine.__main__ import add_engine_arguments, engine_config
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    got = {v: engine_config(parser.parse_args(["--async-scheduling", v])).async_scheduling for v in ("auto", "on", "off")}
+    assert got == {"auto": None, "on": True, "off": False}

@@ -152,7 +152,7 @@ def test_gpu_graph_replay_is_bitwise_the_eager_forward(ckpt, dtype):
         from course_lib.engine.sampler import sample
 
         seqs = [s.seq for s in flat.seqs if s.needs_logits]
-        for seq, tok in zip(seqs, sample(eager, seqs)[0]):
+        for seq, tok in zip(seqs, sample(eager, seqs).read()[0]):
             seq.append_token(tok, 0.0)
         eng.scheduler.finish_step(sched)
         checked += 1
@@ -278,3 +278,63 @@ def test_gpu_tensor_parallel_worker_fault_is_a_clear_error(ckpt):
     with pytest.raises(TensorParallelError, match="fault injected on rank 1"):
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3))
     assert time.monotonic() - t0 < 60
+
+
+# ---------------------------------------------------------------------- asynchronous scheduling
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_async_scheduling_gives_the_tokens_of_sync_with_graphs(ckpt, dtype):
+    """With CUDA graphs on (decode rows take their id inside the graph from the last step's sampled
+    tokens): async on == off, token for token, with chunks, prefix hits and preemption in the run."""
+    shared = _prompts(seed=7, lens=[48])[0]
+    prompts = [shared + p for p in _prompts(seed=8, lens=LENS[:10])] + _prompts(seed=9, lens=LENS[10:])
+    params = [SamplingParams(max_tokens=m, ignore_eos=True, logprobs=1) for m in MAX_TOKENS]
+    runs = {}
+    for on in (True, False):
+        llm = LLM(ckpt, device="cuda", dtype=dtype, max_num_batched_tokens=256, max_num_seqs=8, num_kv_blocks=96,
+                  async_scheduling=on)
+        assert llm.engine.runner.step_graphs is not None and llm.engine.lag == int(on)
+        runs[on] = (llm.generate(prompts, params), llm.engine)
+    (a, eng), (b, _) = runs[True], runs[False]
+    assert [x.token_ids for x in a] == [y.token_ids for y in b]
+    for x, y in zip(a, b):
+        for p, q in zip(x.logprobs, y.logprobs):
+            assert p.keys() == q.keys() and all(abs(p[k] - q[k]) < 1e-4 for k in p)
+    assert eng.scheduler.num_preemptions > 0 and eng.block_manager.num_hit_tokens > 0
+
+
+def test_gpu_async_issues_the_next_step_before_reading_and_never_syncs_elsewhere(ckpt):
+    """Structural, timing-free: in every call the step's graph replay is issued before the previous
+    step's tokens are read, and nothing outside that read waits for the device (torch's sync debug
+    mode raises on any synchronising operation: a .tolist(), .item(), a blocking copy)."""
+    from course_lib.engine.engine import LLMEngine
+    from course_lib.engine.step_graphs import StepGraphs
+
+    llm = LLM(ckpt, device="cuda", dtype="bfloat16", max_num_batched_tokens=256, max_num_seqs=8, num_kv_blocks=256)
+    prompts = _prompts(seed=3, lens=[40, 90, 7, 120])
+    params = [SamplingParams(max_tokens=12, ignore_eos=True, logprobs=2)] * len(prompts)
+    want = [o.token_ids for o in llm.generate(prompts, params)]           # warm: graphs, kernels, pinned memory
+    order = []
+    real_run, real_learn = StepGraphs.run, LLMEngine._learn
+
+    def run(self, flat):
+        order.append("replay")
+        return real_run(self, flat)
+
+    def learn(self, step):
+        order.append("read")
+        torch.cuda.set_sync_debug_mode(0)          # the one intended wait: reading a step's tokens
+        try:
+            return real_learn(self, step)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    StepGraphs.run, LLMEngine._learn = run, learn
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [o.token_ids for o in llm.generate(prompts, params)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        StepGraphs.run, LLMEngine._learn = real_run, real_learn
+    assert got == want
+    steps = order.count("replay")
+    assert steps > 12 and order == ["replay"] + ["replay", "read"] * (steps - 1) + ["read"]

@@ -294,7 +294,7 @@ def test_top_k_top_p_and_temperature_give_the_hand_computed_distribution():
     n = 6000
     seq = Sequence([0], params)
     seq.generator = torch.Generator().manual_seed(0)
-    draws = torch.tensor(sample(logits.repeat(n, 1), [seq] * n)[0])
+    draws = torch.tensor(sample(logits.repeat(n, 1), [seq] * n).read()[0])
     freq = torch.bincount(draws, minlength=6).float() / n
     assert freq[[0, 2, 4, 5]].sum() == 0                    # outside the top-k or the nucleus: never
     assert torch.allclose(freq, want, atol=0.02), (freq, want)

@@ -75,6 +75,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="ranks (processes; GPUs on CUDA) the heads and MLP columns are split over")
     g.add_argument("--max-kv-splits", type=int, default=None,
                    help="split-KV decode attention: key chunks per sequence and head (1: off; default 32 on CUDA)")
+    g.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
+                   help="prepare step n+1 while the device runs step n (auto: on, off with tensor parallelism)")
 
 
 def engine_config(args):
@@ -86,7 +88,8 @@ def engine_config(args):
                         enable_chunked_prefill=args.enable_chunked_prefill,
                         enable_prefix_caching=args.enable_prefix_caching, attention=args.attention,
                         cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
-                        tensor_parallel_size=args.tensor_parallel_size, max_kv_splits=args.max_kv_splits)
+                        tensor_parallel_size=args.tensor_parallel_size, max_kv_splits=args.max_kv_splits,
+                        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])
 
 
 def cmd_generate(args) -> int:

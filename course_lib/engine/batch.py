@@ -9,7 +9,11 @@ become a tensor; numpy arrays convert for free):
 * ``query_start``: where each request's rows begin (cumulative query lengths, ``cu_seqlens_q``);
 * ``context_lens``: keys each request attends to, cached prefix + new tokens;
 * ``block_tables``: each request's blocks, padded with the null block;
-* ``logits_indices``: the rows whose logits are sampled (a request's last known token).
+* ``logits_indices``: the rows whose logits are sampled (a request's last known token);
+* ``feed_rows``: 0 where the row's id is the one in ``input_ids``, ``r + 1`` where the id is the
+  token the previous step sampled in its logit row ``r``, still on the device (asynchronous
+  scheduling, engine.py: the host has not read it yet; ``input_ids`` holds 0 there). 0 means
+  "the host's id" so that the zero padding of a CUDA graph's buffers is a valid value.
 
 A decode is just a request with one new token, a prefill one with many: the same batch, the same
 forward, different shapes. Requests with a single new row come first, so attention can treat
@@ -27,7 +31,8 @@ from .block_manager import NULL_BLOCK
 from .scheduler import ScheduledSeq
 
 #: the per-token, per-request and per-logit-row arrays every path reads, in transfer order
-COMMON_ARRAYS = ("input_ids", "positions", "slot_mapping", "logits_indices", "context_lens", "query_start")
+COMMON_ARRAYS = ("input_ids", "positions", "slot_mapping", "logits_indices", "context_lens", "query_start",
+                 "feed_rows")
 
 
 @dataclass
@@ -43,6 +48,11 @@ class FlatBatch:
     block_tables: np.ndarray        # (B, M)
     logits_indices: np.ndarray      # (R,)
     num_single_rows: int            # requests 0..num_single_rows-1 have one new token each
+    feed_rows: np.ndarray | None = None   # (N,) 0: id from input_ids; r + 1: the previous step's sampled row r
+
+    def __post_init__(self):
+        if self.feed_rows is None:
+            self.feed_rows = np.zeros(len(self.input_ids), dtype=np.int64)
 
     @property
     def num_tokens(self) -> int:
@@ -64,10 +74,17 @@ def build_flat_batch(scheduled: list[ScheduledSeq], block_size: int) -> FlatBatc
     seqs = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)          # single rows first (stable)
     qlens = np.array([s.num_new_tokens for s in seqs], dtype=np.int64)     # (B,)
     starts = np.array([s.start for s in seqs], dtype=np.int64)            # (B,) cached before the step
-    ids = np.concatenate([np.asarray(s.seq.token_ids[s.start:s.start + s.num_new_tokens], dtype=np.int64)
-                          for s in seqs])                                   # (N,)
     query_start = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum(qlens, out=query_start[1:])                                   # (B + 1,)
+    ids = np.zeros(int(query_start[-1]), dtype=np.int64)                    # (N,)
+    feed = np.zeros(len(ids), dtype=np.int64)                               # (N,)
+    for i, s in enumerate(seqs):
+        known = s.seq.token_ids[s.start:s.start + s.num_new_tokens]
+        a = int(query_start[i])
+        ids[a:a + len(known)] = known
+        if len(known) < s.num_new_tokens:          # its last new token is still on the device
+            assert len(known) == s.num_new_tokens - 1 and s.seq.feed_row >= 0, "only the last token can be in flight"
+            feed[a + len(known)] = s.seq.feed_row + 1
     seq_of_row = np.repeat(np.arange(len(seqs)), qlens)                     # (N,)
     positions = starts[seq_of_row] + np.arange(len(ids)) - query_start[seq_of_row]   # (N,)
     width = max(len(s.seq.block_table) for s in seqs)
@@ -80,4 +97,4 @@ def build_flat_batch(scheduled: list[ScheduledSeq], block_size: int) -> FlatBatc
     num_single = int(np.argmax(qlens != 1)) if (qlens != 1).any() else len(seqs)
     return FlatBatch(seqs=seqs, input_ids=ids, positions=positions, slot_mapping=slots, query_start=query_start,
                      context_lens=starts + qlens, block_tables=tables, logits_indices=logit_rows,
-                     num_single_rows=num_single)
+                     num_single_rows=num_single, feed_rows=feed)

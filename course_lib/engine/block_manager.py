@@ -81,9 +81,11 @@ class BlockManager:
         return hits
 
     def _cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
-        """Name every block of ``seq`` that is full once ``num_tokens`` tokens have K/V."""
+        """Name every block of ``seq`` that is full once ``num_tokens`` tokens have K/V and whose
+        tokens the host knows (a token still in flight on the device names its block at a later
+        step's allocation, once it is known)."""
         bs = self.block_size
-        for b in range(len(seq.block_hashes), num_tokens // bs):
+        for b in range(len(seq.block_hashes), min(num_tokens, seq.num_tokens) // bs):
             tokens = tuple(seq.token_ids[b * bs:(b + 1) * bs])
             h = hash_block(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
             seq.block_hashes.append(h)

@@ -78,6 +78,10 @@ class EngineConfig:
     * ``peak_flops``, ``peak_bandwidth``: measured ceilings (FLOP/s, bytes/s) for the ledger's MFU/MBU.
     * ``tensor_parallel_size``: ranks the weights and the KV cache are split over by heads and MLP
       columns (tensor_parallel.py): one process per rank, one GPU each on CUDA, gloo on CPU.
+    * ``async_scheduling``: the host prepares step n+1 while the device runs step n, and reads step
+      n's tokens one step later (engine.py); ``None`` (the default) means on, except with tensor
+      parallelism, whose worker ranks need every step's ids on the host. Off: the same loop with no
+      lag. The tokens are the same either way.
     """
 
     device: str | torch.device | None = None
@@ -97,6 +101,7 @@ class EngineConfig:
     peak_bandwidth: float | None = None
     tensor_parallel_size: int = 1
     max_kv_splits: int | None = None
+    async_scheduling: bool | None = None
 
     def __post_init__(self):
         _positive_int("block_size", self.block_size, optional=False)
@@ -109,6 +114,10 @@ class EngineConfig:
             _flag(name, getattr(self, name))
         _flag("cuda_graphs", self.cuda_graphs, optional=True)
         _flag("fused_kernels", self.fused_kernels, optional=True)
+        _flag("async_scheduling", self.async_scheduling, optional=True)
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ConfigError("async_scheduling=True cannot be combined with tensor_parallel_size > 1 (the worker "
+                              "ranks read each step's token ids on the host); leave it None or set it False")
         _positive_number("peak_flops", self.peak_flops)
         _positive_number("peak_bandwidth", self.peak_bandwidth)
         f = self.gpu_memory_fraction
@@ -164,10 +173,11 @@ class EngineConfig:
         check_tensor_parallel(self.tensor_parallel_size, model, device)
         max_num_seqs = self.max_num_seqs or (256 if cuda else 64)
         budget = self.max_num_batched_tokens or max(8192 if cuda else 2048, model.n_positions)
+        async_scheduling = self.tensor_parallel_size == 1 if self.async_scheduling is None else self.async_scheduling
         return dataclasses.replace(self, device=device, dtype=dtype, attention=attention, cuda_graphs=cuda_graphs,
                                    fused_kernels=fused,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                                   max_kv_splits=max_kv_splits)
+                                   max_kv_splits=max_kv_splits, async_scheduling=async_scheduling)
 
 
 def check_tensor_parallel(size: int, model: GPTConfig, device: torch.device) -> None:

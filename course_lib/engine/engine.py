@@ -1,9 +1,15 @@
 """The engine loop: add requests, then ``step()`` until none is left.
 
 One step = the scheduler picks tokens → the flat batch is laid out (batch.py) → the runner runs
-the model → the sampler picks one token per logit row → requests advance, finished ones free
-their blocks → the ledger (and, when on, the snapshot list) records the step. A prefill and a
-decode are the same step at different shapes.
+the model → the sampler picks one token per logit row, on the device → requests advance → once
+the host reads the tokens, requests append them and finished ones free their blocks → the ledger
+(and, when on, the snapshot list) records the step. A prefill and a decode are the same step at
+different shapes.
+
+Asynchronous scheduling (on by default): the host reads a step's tokens one call later, after it
+has issued the next step, whose decode rows take those tokens straight from the device. On a GPU
+the host's work for step n+1 (scheduling, the flat batch, the copy to the device) then overlaps
+the device's step n. The same loop with a lag of 0 reads each step's tokens in its own call.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import signal
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -24,7 +31,7 @@ from .config import EngineConfig
 from .kv_cache import plan_num_blocks
 from .metrics import Ledger
 from .runner import build_runner
-from .sampler import sample
+from .sampler import HostSample, sample
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence, check_request
 from .snapshot import StepSnapshot, take_snapshot
@@ -57,6 +64,8 @@ class LLMEngine:
         self.ledger = Ledger(cfg, self.kv_cache.pool.element_size(), config.peak_flops, config.peak_bandwidth)
         self.snapshots: list[StepSnapshot] | None = [] if config.snapshot else None
         self.num_steps = 0
+        self.lag = 1 if config.async_scheduling else 0   # steps between issuing a step and reading its tokens
+        self.in_flight: InFlightStep | None = None       # issued, its tokens not read yet
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes (nothing to do with one rank); later steps raise."""
@@ -82,64 +91,182 @@ class LLMEngine:
         return seq
 
     def abort(self, seq: Sequence) -> None:
-        """Drop a request wherever it is; its blocks go back to the pool."""
+        """Drop a request wherever it is; its blocks go back to the pool (a token of it in flight is
+        discarded)."""
         self.scheduler.abort(seq)
+        self._drain_if_idle()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[tuple[Sequence, int]]:
-        """Run one engine step; returns ``(sequence, new token)`` for every token sampled.
+        """Run one engine step; returns ``(sequence, new token)`` for every token learnt in this call.
+
+        Asynchronous scheduling (``async_scheduling``, the default; a lag of 1): the call schedules
+        and issues step n — decode rows whose token is still on the device take it from there — and
+        only then reads step n-1's tokens (their copy to the host was started a step earlier), so
+        on a GPU the host prepares step n while the device runs step n-1. It returns step n-1's
+        tokens; a final call that issues nothing returns the last ones. Without it (a lag of 0) the
+        same lines read step n's own tokens at the end of the call. Stops stay exact: a request that
+        reaches ``max_tokens`` is known on the host and never scheduled again; one that samples
+        an end-of-text or stop token is learnt a step late, and the token computed for it meanwhile
+        is discarded (never appended, never counted).
 
         A step either happens whole or leaves no trace: scheduling and the final bookkeeping are
         never cut in half by Ctrl-C (the interrupt is held until they are done), and any exception
         in between — an interrupt or out-of-memory error in the forward pass, a failure while
         sampling — sends the step's requests back to the front of the queue with no blocks, and
-        forgets the prefix-cache names of blocks whose K/V were never written. The next step
-        recomputes them, exactly. With tensor parallelism a Ctrl-C also waits for the forward to end
-        on every rank; a failed rank stops the engine (tensor_parallel.py)."""
+        forgets the prefix-cache names of blocks whose K/V were never written; the step before it,
+        already issued, is learnt then. The next step recomputes the failed one, exactly. With
+        tensor parallelism a Ctrl-C also waits for the forward to end on every rank; a failed rank
+        stops the engine (tensor_parallel.py)."""
         if self.tp is not None:
             self.tp.check_usable()
-        t0 = time.perf_counter()
-        sched, rng_states = None, []
+        clock = StepClock(self.device)
+        sched, rng_states, previous = None, [], self.in_flight
         try:
             with deferred_interrupts():       # a Ctrl-C here is raised once scheduling is whole, then undone below
                 sched = self.scheduler.schedule()
                 if sched.is_empty:
-                    if self.scheduler.has_unfinished():
+                    if previous is None and self.scheduler.has_unfinished():
                         raise RuntimeError("the scheduler could not schedule any request; the KV pool or the "
                                            "token budget is smaller than one request needs")
-                    return []
-                flat = build_flat_batch(sched.scheduled, self.config.block_size)
-                logit_seqs = [s.seq for s in flat.seqs if s.needs_logits]
-                rng_states = [(seq, seq.generator.get_state()) for seq in logit_seqs if seq.generator is not None]
-            if self.tp is None:
-                logits = self.runner.execute(flat)                          # (R, V)
-            else:                             # every rank runs the step: a Ctrl-C waits for its end
-                with deferred_interrupts():
-                    logits = self.tp.execute(self.runner, flat)             # (R, V), from rank 0
-            tokens, logprobs = sample(logits, logit_seqs)
+                else:
+                    flat = build_flat_batch(sched.scheduled, self.config.block_size)
+                    logit_seqs = [s.seq for s in flat.seqs if s.needs_logits]
+                    rng_states = [(seq, seq.generator.get_state()) for seq in logit_seqs
+                                  if seq.generator is not None]
+            if not sched.is_empty:
+                if self.tp is None:
+                    logits = self.runner.execute(flat)                      # (R, V)
+                else:                         # every rank runs the step: a Ctrl-C waits for its end
+                    with deferred_interrupts():
+                        logits = self.tp.execute(self.runner, flat)         # (R, V), from rank 0
+                sampled = sample(logits, logit_seqs)                        # on the device
         except BaseException:
-            if sched is not None:
-                with deferred_interrupts():
+            with deferred_interrupts():
+                if sched is not None:
                     self.block_manager.forget_step_names()
                     self.scheduler.requeue([s.seq for s in sched.scheduled])
                     for seq, state in rng_states:                           # a seeded request draws the same again
                         seq.generator.set_state(state)
+                if previous is not None:                                    # the step before is whole: learn it
+                    self.in_flight = None
+                    self._learn(previous)
             raise
         with deferred_interrupts():
-            now = time.perf_counter()
-            for seq, token, lp in zip(logit_seqs, tokens, logprobs):
-                seq.append_token(token, now, lp)
-            finished = self.scheduler.finish_step(sched)
-            self.ledger.add(flat, now - t0)
-            sampled = list(zip(logit_seqs, tokens))
-            if self.snapshots is not None:
-                self.snapshots.append(take_snapshot(self.num_steps, sched, flat, self.block_manager, finished,
-                                                    sampled, now - t0, self.scheduler.running))
-            self.num_steps += 1
-        return sampled
+            issued = None
+            if not sched.is_empty:
+                issued = self._issue(sched, flat, logit_seqs, sampled, clock)
+            if self.lag == 0:
+                learn, self.in_flight = issued, None
+            else:
+                learn, self.in_flight = previous, issued
+            learnt = self._learn(learn) if learn is not None else []
+            if issued is not None and issued.snapshot is not None and self.lag and previous is not None:
+                fill_fed_ids(issued.snapshot, issued.flat, previous.tokens)
+            self._drain_if_idle()
+        return learnt
+
+    def _drain_if_idle(self) -> None:
+        """Every request is done but a step is still in flight (it computed a token for a request that
+        then stopped, or was aborted): learn it now, so an idle engine holds no step."""
+        if self.in_flight is not None and not self.scheduler.has_unfinished():
+            step, self.in_flight = self.in_flight, None
+            self._learn(step)
+
+    def _issue(self, sched, flat, logit_seqs, sampled, clock) -> "InFlightStep":
+        """The step's forward and sampling are issued: advance its requests, mark their new tokens
+        in flight, retire the ones that reached ``max_tokens``, keep the tokens on the device for the
+        next step and start their copy to the host."""
+        clock.stop()
+        self.scheduler.advance(sched)
+        for row, seq in enumerate(logit_seqs):
+            seq.num_in_flight += 1
+            seq.feed_row = row
+        retired = self.scheduler.retire_at_length(logit_seqs)
+        self.runner.keep_sampled(sampled.tokens)
+        snapshot = None
+        if self.snapshots is not None:
+            snapshot = take_snapshot(self.num_steps, sched, flat, self.block_manager, retired, [], 0.0,
+                                     self.scheduler.running)
+            self.snapshots.append(snapshot)
+        self.num_steps += 1
+        return InFlightStep(flat, logit_seqs, sampled.copy_to_host(), clock, snapshot)
+
+    def _learn(self, step: "InFlightStep") -> list[tuple[Sequence, int]]:
+        """Read an issued step's tokens (waiting for their copy), append them, apply the stop rules,
+        record the step in the ledger (and its snapshot). A token of a request that finished or was
+        aborted meanwhile is discarded."""
+        tokens, logprobs = step.host.read()
+        step.tokens = tokens
+        now = time.perf_counter()
+        learnt, finished = [], []
+        for seq, token, lp in zip(step.logit_seqs, tokens, logprobs):
+            seq.num_in_flight -= 1
+            if seq.is_finished:                  # stopped by its token of the step before, or aborted
+                continue
+            seq.append_token(token, now, lp)
+            learnt.append((seq, token))
+            if seq.is_finished:
+                finished.append(seq)
+        self.scheduler.drop_finished(finished)
+        seconds = step.clock.seconds()
+        self.ledger.add(step.flat, seconds)
+        if step.snapshot is not None:
+            step.snapshot.sampled = {seq.request_id: tok for seq, tok in learnt}
+            step.snapshot.finished += [q.request_id for q in finished if q.request_id not in step.snapshot.finished
+                                       and not q.last_token_in_flight]
+            step.snapshot.seconds = seconds
+        return learnt
+
+
+@dataclass
+class InFlightStep:
+    """A step issued to the device whose tokens the host has not read yet."""
+
+    flat: object                     # its FlatBatch (batch.py)
+    logit_seqs: list[Sequence]       # the sequences of its logit rows, in row order
+    host: HostSample                 # the tokens on their way to the host
+    clock: "StepClock"
+    snapshot: StepSnapshot | None
+    tokens: list[int] | None = None  # once read
+
+
+class StepClock:
+    """How long a step took, from the start of the call that issued it until its tokens were ready:
+    host time on the CPU (the forward runs inside the call), CUDA events on a GPU (the device may
+    still be busy with the step before when this one starts: the start event then fires when the
+    device reaches it, so a step's time is its own, not the one it overlapped)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0, self.t1 = time.perf_counter(), None
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.end.record()
+        else:
+            self.t1 = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Once the step's tokens have been read (its end event has passed)."""
+        if self.cuda:
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end) / 1e3
+        return self.t1 - self.t0
+
+
+def fill_fed_ids(snapshot: StepSnapshot, flat, previous_tokens: list[int]) -> None:
+    """Write into a snapshot the ids its decode rows took on the device (batch.py's feed_rows), once
+    the host has read them: the snapshot then shows every row's real input id."""
+    for row in map(int, flat.feed_rows.nonzero()[0]):
+        snapshot.input_ids[row] = previous_tokens[int(flat.feed_rows[row]) - 1]
 
 
 @contextlib.contextmanager

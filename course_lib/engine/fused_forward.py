@@ -80,7 +80,7 @@ class FusedForward:
         runner, tr = self.runner, self.model.transformer
         N = b.input_ids.shape[0]
         H, Dh = runner.kv.num_heads, runner.config.head_dim
-        x, h = embed_layernorm(b.input_ids, b.positions, tr.wte.weight, tr.wpe.weight, tr.h[0].ln_1)   # (N, D)
+        x, h = embed_layernorm(runner.token_ids(b), b.positions, tr.wte.weight, tr.wpe.weight, tr.h[0].ln_1)  # (N, D)
         last = len(tr.h) - 1
         for layer, block in enumerate(tr.h):
             qkv = self.linear(h, block.attn.c_attn.weight, block.attn.c_attn.bias)        # (N, 3 H Dh)

@@ -47,6 +47,7 @@ class DeviceBatch:
     slot_mapping: torch.Tensor     # (N,)
     logits_indices: torch.Tensor   # (R,)
     attention: object              # TorchMetadata or TritonMetadata (attention.py)
+    feed_rows: torch.Tensor | None = None   # (N,) 0: id from input_ids; r + 1: the last step's sampled row r
 
 
 def to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -79,6 +80,14 @@ class ModelRunner:
             from .fused_forward import FusedForward
 
             self.fused = FusedForward(self)
+        # the tokens the last step sampled, (S,) on the device: a decode row of the next step whose
+        # token the host has not read yet takes its id from here (batch.py's feed_rows), also inside
+        # a captured step graph (a fixed address). Sized by build_runner (max_num_seqs rows).
+        self.sampled_tokens = torch.zeros(1, dtype=torch.long, device=self.device)
+
+    def keep_sampled(self, tokens: torch.Tensor) -> None:
+        """Keep the step's sampled tokens ``(R,)`` on the device for the next step's decode rows."""
+        self.sampled_tokens[:tokens.shape[0]].copy_(tokens)
 
     def execute(self, flat: FlatBatch) -> torch.Tensor:
         """Logits ``(R, V)`` of the batch's logit rows; every new token's K/V written to the pool."""
@@ -90,7 +99,7 @@ class ModelRunner:
         views = to_device(arrays, self.device)
         meta = self.attention.metadata(flat, views, self.kv.pool.dtype, self.kv.block_size)
         batch = DeviceBatch(views["input_ids"], views["positions"], views["slot_mapping"],
-                            views["logits_indices"], meta)
+                            views["logits_indices"], meta, views["feed_rows"])
         return self.forward(batch)
 
     def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
@@ -102,6 +111,14 @@ class ModelRunner:
             return block.mlp.c_proj(F.gelu(block.mlp.c_fc(h), approximate="tanh"))
         return block.mlp.c_proj(gelu(block.mlp.c_fc(h), block.mlp.activation))
 
+    def token_ids(self, b: DeviceBatch) -> torch.Tensor:
+        """The step's token ids ``(N,)``: the host's, except rows whose token is still on the device
+        (``feed_rows`` > 0), which take the previous step's sampled token by a gather."""
+        if b.feed_rows is None:
+            return b.input_ids
+        fed = self.sampled_tokens[(b.feed_rows - 1).clamp(min=0)]     # (N,)
+        return torch.where(b.feed_rows > 0, fed, b.input_ids)
+
     @torch.inference_mode()
     def forward(self, b: DeviceBatch, logits_out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(R, V)`` for the rows in ``b.logits_indices``; writes every new token's K/V.
@@ -111,7 +128,7 @@ class ModelRunner:
         tr = self.model.transformer
         N = b.input_ids.shape[0]
         H, Dh = self.kv.num_heads, self.config.head_dim               # this rank's heads (all, with one rank)
-        x = tr.wte(b.input_ids) + tr.wpe(b.positions)                 # (N, D)
+        x = tr.wte(self.token_ids(b)) + tr.wpe(b.positions)            # (N, D)
         for layer, block in enumerate(tr.h):
             h = block.ln_1(x)
             q, k, v = block.attn.c_attn(h).split(H * Dh, dim=-1)       # 3 x (N, H * Dh)
@@ -138,6 +155,7 @@ def build_runner(model: GPT, config: EngineConfig, num_kv_blocks: int, tp=None) 
                       num_heads=cfg.n_head // config.tensor_parallel_size)
     runner = ModelRunner(model, kv, make_attention(config.attention, config.max_kv_splits), tp,
                          fused_kernels=bool(config.fused_kernels))
+    runner.sampled_tokens = torch.zeros(config.max_num_seqs, dtype=torch.long, device=device)   # (S,)
     if config.cuda_graphs:
         from .step_graphs import StepGraphs
 

@@ -33,7 +33,7 @@ class ScheduledSeq:
     needs_logits: bool = False  # the step reaches its last known token: sample the next one
 
     def __post_init__(self):
-        self.needs_logits = self.start + self.num_new_tokens == self.seq.num_tokens
+        self.needs_logits = self.start + self.num_new_tokens == self.seq.num_tokens + self.seq.num_in_flight
 
     @property
     def is_decode(self) -> bool:
@@ -66,18 +66,24 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # requests whose last token (by max_tokens) is in flight: no blocks, never scheduled again,
+        # finished once the engine learns that token (asynchronous scheduling, engine.py)
+        self.finishing: list[Sequence] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.finishing)
 
     def abort(self, seq: Sequence) -> None:
-        """Drop a request wherever it is; its blocks go back to the pool."""
+        """Drop a request wherever it is; its blocks go back to the pool (a token of it still in
+        flight is discarded when the engine learns it)."""
         if seq in self.waiting:
             self.waiting.remove(seq)
+        if seq in self.finishing:
+            self.finishing.remove(seq)
         if seq in self.running:
             self.running.remove(seq)
             self.block_manager.free_sequence(seq)
@@ -116,6 +122,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
+            if n == 0:                                  # nothing to compute (never happens in the engine)
+                i += 1
+                continue
             while not bm.allocate(seq, n):
                 victim = self.running.pop()             # the newest running request
                 self._preempt(victim)
@@ -132,6 +141,8 @@ class Scheduler:
         # 2. waiting requests, first come first served
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_in_flight:                       # preempted this step: its last token is not known yet
+                break
             hits = bm.find_cached_prefix(seq)
             num_cached = len(hits) * bm.block_size
             n = seq.num_tokens - num_cached
@@ -156,16 +167,42 @@ class Scheduler:
             budget -= n
         return out
 
-    def finish_step(self, out: SchedulerOutput) -> list[Sequence]:
-        """Advance every scheduled sequence; drop finished ones. Returns those that finished."""
-        finished = []
+    def advance(self, out: SchedulerOutput) -> None:
+        """The step's forward has been issued: its tokens count as computed (their K/V are written
+        before any later step reads them: one device stream runs the steps in order)."""
         for s in out.scheduled:
             s.seq.num_computed_tokens = s.start + s.num_new_tokens
-            if s.seq.is_finished:
-                finished.append(s.seq)
-        if finished:
-            done = set(map(id, finished))
-            self.running = [q for q in self.running if id(q) not in done]
-            for seq in finished:
-                self.block_manager.free_sequence(seq)
+
+    def retire_at_length(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Of ``seqs`` (those that sampled in the step just issued), the ones whose new token is their
+        last by ``max_tokens``: out of ``running`` into ``finishing``, their blocks freed now (no step
+        reads them again), so the next step neither computes a wasted token for them nor keeps their
+        slot. Returns them."""
+        retired = [q for q in seqs if q in self.running and q.reaches_max_tokens]
+        for seq in retired:
+            seq.last_token_in_flight = True
+            self.running.remove(seq)
+            self.block_manager.free_sequence(seq)
+            self.finishing.append(seq)
+        return retired
+
+    def drop_finished(self, finished: list[Sequence]) -> None:
+        """Take finished requests out of every queue; give back the blocks of those that hold any."""
+        if not finished:
+            return
+        done = set(map(id, finished))
+        self.running = [q for q in self.running if id(q) not in done]
+        self.finishing = [q for q in self.finishing if id(q) not in done]
+        if any(id(q) in done for q in self.waiting):   # preempted while its last token was in flight
+            self.waiting = deque(q for q in self.waiting if id(q) not in done)
+        for seq in finished:
+            self.block_manager.free_sequence(seq)
+
+    def finish_step(self, out: SchedulerOutput) -> list[Sequence]:
+        """Driving the scheduler by hand, synchronously: the step's sampled tokens are already
+        appended to its sequences. Advance every scheduled sequence; drop finished ones. Returns
+        those that finished."""
+        self.advance(out)
+        finished = [s.seq for s in out.scheduled if s.seq.is_finished]
+        self.drop_finished(finished)
         return finished

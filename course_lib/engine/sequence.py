@@ -108,6 +108,13 @@ class Sequence:
     num_cached_prompt_tokens: int = 0   # tokens found in the prefix cache at first scheduling
     num_preemptions: int = 0
     generator: torch.Generator | None = None
+    # asynchronous scheduling (engine.py): tokens sampled on the device whose value the host has not
+    # read yet (1, or 2 for the moment between launching a step and learning the one before), the
+    # logit row of the latest one in its step (which feeds this request's next decode row), and
+    # whether that latest token is its last by length (then it is never scheduled again)
+    num_in_flight: int = 0
+    feed_row: int = -1
+    last_token_in_flight: bool = False
     # timestamps (time.perf_counter) for the request metrics
     arrival_time: float = field(default_factory=time.perf_counter)
     first_scheduled_time: float | None = None
@@ -140,8 +147,15 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        """Tokens without K/V yet: the whole prompt before prefill, 1 during decode."""
-        return self.num_tokens - self.num_computed_tokens
+        """Tokens without K/V yet: the whole prompt before prefill, 1 during decode (the token sampled
+        last, which may still be in flight on the device)."""
+        return self.num_tokens + self.num_in_flight - self.num_computed_tokens
+
+    @property
+    def reaches_max_tokens(self) -> bool:
+        """Its tokens known and in flight reach ``max_tokens``: a length stop the host knows without
+        reading the last token (``check_request`` keeps prompt + max_tokens within the context)."""
+        return self.num_output_tokens + self.num_in_flight >= self.params.max_tokens
 
     @property
     def is_finished(self) -> bool:

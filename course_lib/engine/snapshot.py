@@ -3,8 +3,11 @@
 With ``LLM(..., snapshot=True)`` every step appends a :class:`StepSnapshot`: which request got
 how many tokens (a prefill chunk or a decode), prefix-cache hits, preemptions, every running
 request's block table, the step's flat batch as plain lists (what the runner fed the model) and
-the step's wall time. With ``snapshot=False`` (the default) the engine never builds one: the list
-is ``None`` and the cost is one ``if``.
+the step's time (engine.StepClock). A snapshot is appended when its step is issued; with
+asynchronous scheduling its ``sampled`` tokens, its end-of-text finishes, its time and the input ids
+its decode rows took on the device are filled in a call later, when the host reads them, so a
+finished run's snapshots read the same with it on or off. With ``snapshot=False`` (the default)
+the engine never builds one: the list is ``None`` and the cost is one ``if``.
 """
 
 from __future__ import annotations

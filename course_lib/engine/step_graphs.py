@@ -14,6 +14,9 @@ How. A graph replays *fixed* kernels on *fixed* addresses with *fixed* shapes, s
   of it and copies it over in one transfer, then replays;
 * the attention kernel (triton_unified.py) has a static grid and reads which tile is whose from
   the buffer, so any mix of requests fits the same graph;
+* a decode row whose token the host has not read yet (asynchronous scheduling, engine.py) takes its
+  id inside the graph from the runner's ``sampled_tokens`` buffer, the row given by the static
+  ``feed_rows`` buffer (0: the id in ``input_ids``);
 * **padding**: token rows past the live ones have id 0, position 0 and write their K/V to slot 0,
   inside the null block (block_manager.NULL_BLOCK) that no request reads; they belong to no
   attention tile; logit rows past the live ones point at row 0 and are dropped.
@@ -54,7 +57,8 @@ class StepBuffers:
         self.num_tokens, self.num_seqs, self.max_blocks = N, S, M
         self.block_m = tile_rows_for(N)
         self.grid = max_tiles(N, S, self.block_m)
-        self.shapes = {"input_ids": (N,), "positions": (N,), "slot_mapping": (N,), "logits_indices": (S,),
+        self.shapes = {"input_ids": (N,), "positions": (N,), "slot_mapping": (N,), "feed_rows": (N,),
+                       "logits_indices": (S,),
                        "context_lens": (S,), "query_start": (S + 1,), "block_tables": (S, M),
                        "tile_seq": (self.grid,), "tile_row": (self.grid,), "num_tiles": (1,)}
         sizes = [int(np.prod(s)) for s in self.shapes.values()]
@@ -97,7 +101,8 @@ class StepGraphs:
 
         v = buf.views
         meta = self.runner.attention.metadata(None, v, grid=buf.grid, block_m=buf.block_m, padded=True)
-        return DeviceBatch(v["input_ids"], v["positions"], v["slot_mapping"], v["logits_indices"], meta)
+        return DeviceBatch(v["input_ids"], v["positions"], v["slot_mapping"], v["logits_indices"], meta,
+                           v["feed_rows"])
 
     def capture(self) -> None:
         """Capture every bucket, largest first, into one memory pool (the buffers start all-zero:
