@@ -337,4 +337,6 @@ def test_gpu_async_issues_the_next_step_before_reading_and_never_syncs_elsewhere
         StepGraphs.run, LLMEngine._learn = real_run, real_learn
     assert got == want
     steps = order.count("replay")
-    assert steps > 12 and order == ["replay"] + ["replay", "read"] * (steps - 1) + ["read"]
+    # 12 tokens each: at least 12 steps (exactly 12 here: the warm-up run left the prompts' full blocks
+    # in the prefix cache, so all four prefills fit in the first step)
+    assert steps >= 12 and order == ["replay"] + ["replay", "read"] * (steps - 1) + ["read"]
