@@ -376,20 +376,20 @@ def plot(result, path):
         return None
     groups = sorted({(r["model"], r["workload"], r["batch"]) for r in result["runs"] if r["workload"] != "load"})
     systems = sorted({system_label(r) for r in result["runs"]})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4))
+    fig, ax = plt.subplots(figsize=(10, 4.5))                     # fits a ~1,000 px page at 100 dpi
     width = 0.8 / max(1, len(systems))
     for j, s in enumerate(systems):
         vals = [next((r["tokens_per_s"] or 0 for r in result["runs"] if system_label(r) == s
                       and (r["model"], r["workload"], r["batch"]) == g), 0) for g in groups]
         ax.bar([i + j * width for i in range(len(groups))], vals, width, label=s)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
-    ax.set_xticklabels([f"{m}\n{w} B{b}" for m, w, b in groups], fontsize=7)
+    ax.set_xticklabels([f"{m}\n{w} B{b}" for m, w, b in groups], fontsize=8, rotation=45, ha="right")
     ax.set_yscale("log")
     ax.set_ylabel("tokens/s (log)")
     ax.set_title(result["device"])
-    ax.legend()
+    ax.legend(fontsize=8, ncol=3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
