@@ -27,7 +27,6 @@ import gc
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -38,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from course_lib import perf  # noqa: E402
 from course_lib.engine import triton_unified as tu  # noqa: E402
 from course_lib.engine.attention import multiprocessor_count  # noqa: E402
 from course_lib.engine.attention_tiles import build_tiles, kv_splits_for, max_tiles, tile_rows_for  # noqa: E402
@@ -215,27 +215,7 @@ def time_per_call(fn, calls, device, replays=20) -> float:
             fn()
             best = min(best, time.perf_counter() - t)
         return best / calls
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    del g
-    return statistics.median(times) / calls
+    return perf.captured_seconds([fn], replays) / calls
 
 
 def decode_step(B, ctx, H, Dh, device, dtype, min_bytes):

@@ -41,6 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
+from course_lib import perf  # noqa: E402
 from course_lib.engine import triton_gemv as G  # noqa: E402
 from course_lib.engine.triton_fused import add_layernorm, bias_gelu, embed_layernorm  # noqa: E402
 
@@ -129,44 +130,12 @@ def check_elementwise(D, rows, device, dtype):
 def replay_time(graph, reps=30) -> float:
     """Median seconds of one replay of an already captured CUDA graph (a graph cannot be replayed
     inside another capture, so the engine's own step graphs are timed this way)."""
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return sorted(times)[len(times) // 2]
+    return perf.graph_replay_seconds(graph, reps)
 
 
 def graph_time(fns, reps=20) -> float:
     """Median seconds of one replay of a CUDA graph that calls every fn in ``fns`` once."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fns:
-            f()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    del graph
-    return sorted(times)[len(times) // 2]
+    return perf.captured_seconds(fns, reps)
 
 
 def candidates(M, K, N, kc):

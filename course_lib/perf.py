@@ -312,6 +312,42 @@ def time_fn(fn, device="cpu", repeats: int = 5, warmup: int = 1) -> list[float]:
     return out
 
 
+def graph_replay_seconds(graph, replays: int = 30) -> float:
+    """Median seconds of one replay of a captured ``torch.cuda.CUDAGraph`` (CUDA events around each)."""
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def captured_seconds(fns, replays: int = 20) -> float:
+    """Capture every callable of ``fns`` once, in order, into one CUDA graph (after a warm-up on a side
+    stream) and return the median seconds of a replay: the GPU time of the kernels without the host's
+    launch cost. The benchmarks time kernels this way."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    try:
+        return graph_replay_seconds(graph, replays)
+    finally:
+        del graph
+
+
 def median(xs) -> float:
     return float(statistics.median(xs))
 

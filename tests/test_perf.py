@@ -121,3 +121,11 @@ def test_device_names_and_figure_paths(monkeypatch):
 def test_bad_input(call, message):
     with pytest.raises(InputError, match=message):
         call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_seconds_times_the_graph_of_the_calls():
+    x = torch.randn(2048, 2048, device="cuda")
+    one = perf.captured_seconds([lambda: x @ x])
+    four = perf.captured_seconds([lambda: x @ x] * 4)
+    assert 0 < one < four < 8 * one
