@@ -454,7 +454,7 @@ def draw_ledger(records, title: str = ""):
 
 
 def draw_budget_tradeoff(runs: dict, ax=None, highlight: int | None = None, title: str = ""):
-    """Measured over token budgets: the long prompt's TTFT and the decoders' median inter-token
+    """Measured over token budgets: the long prompt's TTFT and the decoders' longest inter-token
     latency while it was prefilled. ``runs[budget]`` has ``ttft`` and ``itl`` in seconds."""
     if not runs:
         raise InputError("no runs to draw: measure at least one token budget")
