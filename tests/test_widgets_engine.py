@@ -60,6 +60,16 @@ def test_record_serving_keeps_only_its_own_steps(record):
     assert len(again.records) == again.n_steps == len(again.outputs[again.rid("A")])
 
 
+def test_record_serving_reads_the_given_clock(record):
+    """Times come from ``clock``: a counting clock gives one tick per arrival and per returned step."""
+    llm, reqs, _ = record
+    ticks = iter(range(10_000))
+    rec = we.record_serving(llm, reqs[:1], clock=lambda: next(ticks))
+    t = rec.token_times[rec.rid("A")]
+    assert rec.arrival_times[rec.rid("A")] == 0 and t == sorted(t) and all(isinstance(x, int) for x in t)
+    assert rec.ttft("A") >= 1 and all(g >= 1 for g in rec.itl("A"))
+
+
 def test_record_serving_bad_input(tiny):
     model, tok = tiny
     with pytest.raises(ConfigError, match="snapshot=True"):

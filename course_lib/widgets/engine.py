@@ -68,11 +68,13 @@ class ServingRecord:
         return [b - a for a, b in zip(t, t[1:])]
 
 
-def record_serving(llm, requests: list[Request]) -> ServingRecord:
+def record_serving(llm, requests: list[Request], clock=time.perf_counter) -> ServingRecord:
     """Run ``requests`` through ``llm.engine`` to the end, adding each before step ``arrival``.
 
     The engine must record snapshots (``LLM(..., snapshot=True)``) and be idle. Returns the
-    snapshots and ledger records of this run only.
+    snapshots and ledger records of this run only. Arrival and token times are read from
+    ``clock`` (wall-clock seconds by default; ``time.process_time`` counts only this process's
+    CPU seconds, which other busy programs on a CPU machine do not inflate).
     """
     if llm.snapshots is None:
         raise ConfigError("record_serving draws from the engine's snapshots: create it with LLM(..., snapshot=True)")
@@ -98,10 +100,10 @@ def record_serving(llm, requests: list[Request]) -> ServingRecord:
             by_seq[id(seq)] = rid
             rec.labels[rid], rec.arrivals[rid], rec.prompts[rid] = r.label, next_step, list(r.prompt_ids)
             rec.max_lens[rid] = len(r.prompt_ids) + r.params.max_tokens - 1
-            rec.arrival_times[rid] = time.perf_counter()
+            rec.arrival_times[rid] = clock()
             rec.outputs[rid], rec.token_times[rid] = [], []
         out = engine.step()
-        now = time.perf_counter()
+        now = clock()
         for seq, token in out:
             rid = by_seq[id(seq)]
             rec.outputs[rid].append(token)
@@ -178,7 +180,11 @@ def chunked_prefill_runs(make_llm, decoders: list[Request], long_prompt: Request
     for budget in budgets:
         ttfts, itls = [], []
         for _ in range(repeats):
-            rec = record_serving(make_llm(budget), [*decoders, long_prompt])
+            llm = make_llm(budget)
+            # a CPU engine computes on this process's threads: count its CPU seconds, so that another
+            # busy program on the machine does not stretch the gaps; a GPU's work is wall-clock time
+            clock = time.process_time if llm.engine.device.type == "cpu" else time.perf_counter
+            rec = record_serving(llm, [*decoders, long_prompt], clock=clock)
             ttfts.append(rec.ttft(long_prompt.label))
             itls.append(max(window_itl(rec, labels, long_prompt.label)))
         rid = rec.rid(long_prompt.label)
