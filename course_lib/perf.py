@@ -661,6 +661,35 @@ def time_decode_step_preallocated(model, context: int, batch: int = 1, repeats: 
     return best(time_fn(step, w.device, repeats, warmup))
 
 
+def time_decode_contexts(model, contexts, batch: int = 1, repeats: int = 9) -> dict[int, float]:
+    """Best seconds of one decode step at each of ``contexts`` (preallocated caches, as
+    :func:`time_decode_step_preallocated`), timed in turns: each repeat times one step at every
+    context, so that a slow second of the machine (another program, the clock speed) lands on
+    all contexts alike and the ratios between them stay honest. Introduced in
+    notebooks/10_prefill_vs_decode_on_your_hardware.ipynb."""
+    w = model.transformer.wte.weight
+    contexts = list(contexts)
+    if not contexts or any(c < 1 for c in contexts):
+        raise InputError(f"contexts must be positive cache lengths, got {contexts}")
+    if repeats < 1:
+        raise InputError(f"repeats must be >= 1, got {repeats}")
+    caches = {c: fill_preallocated_cache(model.config, batch, c, w.device, w.dtype) for c in contexts}
+    nxt = random_ids(model.config, batch, 1, w.device)[:, 0]
+
+    def step(c):
+        caches[c].truncate(c)
+        model.decode_step(nxt, caches[c])
+
+    times = {c: [] for c in contexts}
+    with torch.no_grad():
+        for c in contexts:                      # warm-up
+            step(c)
+        for _ in range(repeats):
+            for c in contexts:
+                times[c] += time_fn(lambda: step(c), w.device, repeats=1, warmup=0)
+    return {c: min(ts) for c, ts in times.items()}
+
+
 def save_figures_enabled() -> bool:
     """True when ``COURSE_SAVE_FIGURES=1``: notebooks then write their key figures to figures/."""
     return os.environ.get("COURSE_SAVE_FIGURES", "") not in ("", "0")

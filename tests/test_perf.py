@@ -129,3 +129,14 @@ def test_captured_seconds_times_the_graph_of_the_calls():
     one = perf.captured_seconds([lambda: x @ x])
     four = perf.captured_seconds([lambda: x @ x] * 4)
     assert 0 < one < four < 8 * one
+
+
+def test_time_decode_contexts_in_turns():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=4)).eval()
+    times = perf.time_decode_contexts(model, [4, 48], batch=2, repeats=3)
+    assert set(times) == {4, 48} and all(t > 0 for t in times.values())
+    with pytest.raises(InputError, match="contexts"):
+        perf.time_decode_contexts(model, [0, 8])
+    with pytest.raises(InputError, match="repeats"):
+        perf.time_decode_contexts(model, [8], repeats=0)
