@@ -43,3 +43,17 @@ def tok():
     from course_lib.tiny import load_tokenizer
 
     return load_tokenizer()
+
+
+def run_interpreted(script: str, marker: str, timeout: float = 400) -> str:
+    """Run ``script`` in a fresh Python with ``TRITON_INTERPRET=1`` (the Triton kernels then run on
+    the CPU; the variable must be set before they are defined) and return its output, which must
+    contain ``marker``."""
+    import subprocess
+
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert marker in r.stdout, r.stdout
+    return r.stdout

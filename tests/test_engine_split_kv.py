@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_interpreted
 
 from course_lib.engine.attention_tiles import PROGRAMS_PER_SM, kv_splits_for, max_tiles
 from course_lib.engine.config import DEFAULT_MAX_KV_SPLITS, EngineConfig
@@ -198,23 +199,15 @@ print("engine split == off == torch", sorted(set(used)))
 """
 
 
-def _interpret(script: str, marker: str):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=400)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert marker in r.stdout, r.stdout
-    return r.stdout
-
 
 def test_split_kv_kernels_match_reference_in_interpreter():
     pytest.importorskip("triton")
-    _interpret(KERNELS, "kernels ok")
+    run_interpreted(KERNELS, "kernels ok")
 
 
 def test_engine_greedy_output_same_with_split_kv_in_interpreter():
     pytest.importorskip("triton")
-    _interpret(ENGINE, "engine split == off == torch")
+    run_interpreted(ENGINE, "engine split == off == torch")
 
 
 def test_bench_attention_correctness_part_runs_on_cpu(tmp_path):

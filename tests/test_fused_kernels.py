@@ -6,16 +6,10 @@ Interpreted checks run in a fresh process (TRITON_INTERPRET=1 must be set before
 defined). The GPU side, timing included, is benchmarks/bench_kernels.py.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import run_interpreted
 
 from course_lib.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parent.parent
 
 KERNELS = r"""
 import torch
@@ -160,28 +154,21 @@ if __name__ == "__main__":
 """
 
 
-def _interpret(script: str, marker: str):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert marker in r.stdout, r.stdout
-    return r.stdout
-
 
 def test_gemv_and_fused_kernels_match_torch_in_interpreter():
     pytest.importorskip("triton")
-    _interpret(KERNELS, "fused ok")
+    run_interpreted(KERNELS, "fused ok")
 
 
 def test_engine_greedy_equal_with_fused_kernels_in_interpreter():
     pytest.importorskip("triton")
-    _interpret(ENGINE, "sabotage caught")
+    run_interpreted(ENGINE, "sabotage caught")
 
 
 def test_tensor_parallel_with_fused_kernels_in_interpreter():
     """Two ranks: each projection completed and all-reduced before the fused add + LayerNorm."""
     pytest.importorskip("triton")
-    _interpret(TENSOR_PARALLEL, "tensor parallel fused ok")
+    run_interpreted(TENSOR_PARALLEL, "tensor parallel fused ok")
 
 
 # ---------------------------------------------------------------------- host side, no kernels run
