@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from course_lib.engine.attention_tiles import build_tiles, max_tiles, tile_rows_for
-from course_lib.engine.step_graphs import StepBuffers, token_buckets
+from course_lib.engine.step_graphs import Staging, StepBuffers, token_buckets
 from course_lib.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,23 +52,27 @@ def test_token_buckets_and_static_buffers():
     assert b[:10] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512] and b[-1] == 8192 and len(b) == 25
     assert all(y - x == 512 for x, y in zip(b[9:], b[10:]))
     assert token_buckets(1000)[-1] == 1024
-    assert tile_rows_for(256) == 16 and tile_rows_for(257) == 64
+    assert tile_rows_for(256) == 16 and tile_rows_for(257) == 128
+    assert tile_rows_for(2048) == 128 and tile_rows_for(2049) == 64
 
     buf = StepBuffers(8, max_num_seqs=4, max_blocks=3, device="cpu")
     assert buf.num_seqs == 4 and buf.views["block_tables"].shape == (4, 3)
     a = lambda *xs: np.array(xs, dtype=np.int64)   # noqa: E731
+    staging = Staging(buf.size + 5, pinned=False)                        # shared by buckets: the largest's size
     buf.load({"input_ids": a(5, 6, 7), "positions": a(0, 1, 9), "slot_mapping": a(40, 41, 77),
               "logits_indices": a(1, 2), "context_lens": a(2, 10), "query_start": a(0, 2, 3),
               "block_tables": np.array([[3, 0], [4, 7]]), "tile_seq": a(0, 1), "tile_row": a(0, 2),
-              "num_tiles": a(2)})
+              "num_tiles": a(2)}, staging)
     v = buf.views
     assert v["input_ids"].tolist() == [5, 6, 7, 0, 0, 0, 0, 0]
     assert v["slot_mapping"].tolist() == [40, 41, 77, 0, 0, 0, 0, 0]      # padded rows: the null block
     assert v["logits_indices"].tolist() == [1, 2, 0, 0]
     assert v["num_tiles"].tolist() == [2]
     assert v["block_tables"].tolist() == [[3, 0, 0], [4, 7, 0], [0, 0, 0], [0, 0, 0]]
-    buf.load({"input_ids": a(9)})                                          # a new step leaves nothing behind
+    assert staging.images[0][:3].tolist() == [5, 6, 7] and staging.turn == 1
+    buf.load({"input_ids": a(9)}, staging)                                # a new step leaves nothing behind
     assert v["input_ids"].tolist() == [9, 0, 0, 0, 0, 0, 0, 0] and v["block_tables"].abs().sum() == 0
+    assert staging.images[1][:1].tolist() == [9] and staging.images[0][:3].tolist() == [5, 6, 7]   # in turns
 
 
 def test_triton_config_errors():

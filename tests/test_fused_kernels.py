@@ -14,7 +14,7 @@ from course_lib.errors import ConfigError
 KERNELS = r"""
 import torch
 import torch.nn.functional as F
-from course_lib.engine.triton_gemv import GemvConfig, default_config, gemv, gemv_partials, splitk_reduce
+from course_lib.engine.triton_gemv import GemvConfig, default_config, gemv, gemv_partials, pdl_config, splitk_reduce
 from course_lib.engine.triton_fused import add_layernorm, bias_gelu, embed_layernorm
 from course_lib.errors import InputError
 
@@ -37,11 +37,13 @@ for dtype in (torch.float32, torch.bfloat16):
             ref = x.float() @ w.float()
             configs = [GemvConfig(block_n=32, block_k=32, split=1, use_dot=M > 1),     # one launch, epilogue
                        GemvConfig(block_n=64, block_k=32, split=3, use_dot=False),     # split-K + reduce
-                       GemvConfig(block_n=32, block_k=64, split=2, use_dot=True), None]   # None: the default rule
+                       GemvConfig(block_n=32, block_k=64, split=2, use_dot=True), None,   # None: the default rule
+                       pdl_config(M, K)]     # one trip a program (the PDL GEMVs): its weights loaded before the wait
             for i, cfg in enumerate(configs):
                 close(gemv(x, w, config=cfg), ref, dtype, ("no bias", K, N, M, cfg))
-                close(gemv(x, w, b, gelu=i < 2, config=cfg), F.gelu(ref + b.float(), approximate="tanh")
-                      if i < 2 else ref + b.float(), dtype, ("bias (+gelu)", K, N, M, cfg))
+                gelu = i < 2 or i == 4
+                close(gemv(x, w, b, gelu=gelu, config=cfg), F.gelu(ref + b.float(), approximate="tanh")
+                      if gelu else ref + b.float(), dtype, ("bias (+gelu)", K, N, M, cfg))
                 n += 2
             wt = (torch.randn(N, K) / K ** 0.5).to(dtype)            # the LM head's layout: (K, N) view, K contiguous
             close(gemv(x, wt.t()), x.float() @ wt.float().t(), dtype, ("k-contiguous", K, N, M))
@@ -197,6 +199,14 @@ def test_plan_gemv_rules(monkeypatch):
     # the shipped table: measured entries only, every value a config or None (cuBLAS)
     assert measured and all(v is None or isinstance(v, G.GemvConfig) for v in measured.values())
     assert measured[(1600, 50257, True, 8)] is not None          # the LM head: ours beat cuBLAS by 4x
+    # with PDL: small matrices of few rows take one-trip tiles; big ones, many rows and the LM head do not
+    c = G.plan_gemv(1, 768, 3072, pdl=True)
+    assert c == G.pdl_config(1, 768) and c.k_per_split(768) == c.block_k and not c.use_dot
+    assert c.num_splits(768) * c.block_k >= 768 > (c.num_splits(768) - 1) * c.block_k
+    assert G.plan_gemv(16, 3072, 768, pdl=True).use_dot
+    assert G.plan_gemv(17, 768, 3072, pdl=True) != G.pdl_config(17, 768)
+    assert G.plan_gemv(1, 6400, 1600, pdl=True) != G.pdl_config(1, 6400)            # 20 MB: cuBLAS's
+    assert G.plan_gemv(1, 768, 50257, k_contiguous=True, pdl=True) == G.plan_gemv(1, 768, 50257, k_contiguous=True)
 
 
 def test_fused_kernels_config():

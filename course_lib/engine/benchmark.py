@@ -69,10 +69,13 @@ def _rates(config, flops, nbytes, seconds, peaks) -> dict:
 def engine_prefill(llm, batch: int, prompt_len: int, peaks=None, seed: int = 0, repeats: int = 3) -> dict:
     """Prefill tok/s: ``batch`` prompts of ``prompt_len`` tokens, one new token each.
 
-    Timed around the whole ``generate`` call (request checks and output included), best of ``repeats``."""
+    Timed around the whole ``generate`` call (request checks and output included), best of ``repeats``.
+    Every round's prompts are made before the first (fresh ones each round: no prefix hits), so no
+    Python work leaves the device idle between rounds — the compiled peer runs its repeats back to
+    back too."""
     best = None
-    for r in range(repeats + 1):                    # the first round warms up
-        prompts = random_prompts(batch, prompt_len, llm.config.vocab_size, seed + r)   # no prefix hits
+    rounds = [random_prompts(batch, prompt_len, llm.config.vocab_size, seed + r) for r in range(repeats + 1)]
+    for r, prompts in enumerate(rounds):            # the first round warms up
         n0 = len(llm.ledger.records)
         perf.synchronize(llm.device)
         t = time.perf_counter()

@@ -10,8 +10,8 @@ Which kernel does what, per layer (reference lines on the left)::
     o = attention(q, k, v)           triton_unified (unchanged)
     x = x + c_proj(o); h = ln_2(x)   projection (GEMV split-K partials, or cuBLAS mm) summed with
                                      its bias and the residual inside add_layernorm: one kernel
-    f = gelu(c_fc(h))                linear with the GELU in the GEMV's epilogue (or cuBLAS mm +
-                                     bias_gelu)
+    f = gelu(c_fc(h))                linear with the GELU in the GEMV's epilogue (or in cuBLASLt's
+                                     bias + GELU epilogue)
     x = x + c_proj(f); h = ln(x)     projection + add_layernorm with the next layer's ln_1; after
                                      the last layer with ln_f on the logit rows only
     logits = h @ wte.T               linear into the shared logits buffer
@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..model import gelu
+from .pdl import pdl_enabled
 from .triton_fused import add_layernorm, bias_gelu, embed_layernorm
 from .triton_gemv import gemv, gemv_partials, plan_gemv
 
@@ -43,7 +44,8 @@ class FusedForward:
     def plan(self, M: int, w: torch.Tensor):
         key = (M, tuple(w.shape), w.stride(0) == 1)
         if key not in self._plans:
-            self._plans[key] = plan_gemv(M, w.shape[0], w.shape[1], k_contiguous=w.stride(0) == 1)
+            self._plans[key] = plan_gemv(M, w.shape[0], w.shape[1], k_contiguous=w.stride(0) == 1,
+                                         pdl=pdl_enabled(w.device), element_size=w.element_size())
         return self._plans[key]
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, act: bool = False,
@@ -53,7 +55,9 @@ class FusedForward:
         fuse_act = act and self.tanh_gelu
         if config is not None:
             y = gemv(x, w, bias, gelu=fuse_act, out=out, config=config)
-        elif fuse_act:
+        elif fuse_act and x.is_cuda and bias is not None:   # cuBLASLt's GELU-and-bias epilogue: the tanh GELU, one kernel
+            y = torch._addmm_activation(bias, x, w, use_gelu=True)
+        elif fuse_act:                    # the interpreter's CPU (torch's CPU epilogue is erf's GELU)
             y = bias_gelu(torch.mm(x, w), bias)
         elif bias is not None:
             y = torch.addmm(bias, x, w)

@@ -10,8 +10,9 @@ How. A graph replays *fixed* kernels on *fixed* addresses with *fixed* shapes, s
   one graph per bucket, captured for ``bucket`` token rows and ``min(bucket, max_num_seqs)``
   requests and logit rows;
 * every array of the flat batch (batch.py) and of the attention kernel's tile table lives in a
-  **static buffer** per bucket (one int64 tensor cut into named views); a step fills a host image
-  of it and copies it over in one transfer, then replays;
+  **static buffer** per bucket (one int64 tensor cut into named views); a step fills a pinned host
+  image of it (two, used in turns: :class:`Staging`) and copies it over in one transfer that does
+  not wait for the device, then replays;
 * the attention kernel (triton_unified.py) has a static grid and reads which tile is whose from
   the buffer, so any mix of requests fits the same graph;
 * a decode row whose token the host has not read yet (asynchronous scheduling, engine.py) takes its
@@ -49,8 +50,7 @@ def token_buckets(max_tokens: int) -> list[int]:
 
 
 class StepBuffers:
-    """The static buffers of one bucket: ``device`` (one int64 tensor), named views into it, and
-    ``host``, its image on the host, refilled every step."""
+    """The static buffers of one bucket: ``device`` (one int64 tensor) and named views into it."""
 
     def __init__(self, num_tokens: int, max_num_seqs: int, max_blocks: int, device):
         N, S, M = num_tokens, min(num_tokens, max_num_seqs), max_blocks
@@ -62,8 +62,8 @@ class StepBuffers:
                        "context_lens": (S,), "query_start": (S + 1,), "block_tables": (S, M),
                        "tile_seq": (self.grid,), "tile_row": (self.grid,), "num_tiles": (1,)}
         sizes = [int(np.prod(s)) for s in self.shapes.values()]
-        self.device = torch.zeros(sum(sizes), dtype=torch.long, device=device)
-        self.host = np.zeros(sum(sizes), dtype=np.int64)
+        self.size = sum(sizes)
+        self.device = torch.zeros(self.size, dtype=torch.long, device=device)
         self.offsets = dict(zip(self.shapes, np.cumsum([0] + sizes[:-1]).tolist()))
         self.views = {name: part.view(shape) for (name, shape), part
                       in zip(self.shapes.items(), self.device.split(sizes))}
@@ -71,19 +71,51 @@ class StepBuffers:
     def fits(self, flat: FlatBatch) -> bool:
         return flat.num_tokens <= self.num_tokens and flat.num_seqs <= self.num_seqs
 
-    def load(self, arrays: dict[str, np.ndarray]) -> None:
-        """Copy one step's arrays in (zeros past the live entries: padding → the null block).
-
-        The host image is a reused numpy array: a copy from pageable memory returns once the data
-        is staged, so refilling it for the next step cannot race this transfer."""
-        self.host.fill(0)
+    def load(self, arrays: dict[str, np.ndarray], staging: "Staging") -> None:
+        """Copy one step's arrays in (zeros past the live entries: padding → the null block), through
+        a host image from ``staging``; the copy does not wait for the device."""
+        i = staging.take()
+        host = staging.images[i][:self.size]
+        host.fill(0)
         for name, a in arrays.items():
             at, shape = self.offsets[name], self.shapes[name]
             if len(shape) == 2:        # a (B, width) block table into the (S, M) buffer
-                self.host[at:at + shape[0] * shape[1]].reshape(shape)[:a.shape[0], :a.shape[1]] = a
+                host[at:at + shape[0] * shape[1]].reshape(shape)[:a.shape[0], :a.shape[1]] = a
             else:
-                self.host[at:at + a.size] = a
-        self.device.copy_(torch.from_numpy(self.host), non_blocking=True)
+                host[at:at + a.size] = a
+        self.device.copy_(staging.tensors[i][:self.size], non_blocking=True)
+        staging.copied(i)
+
+
+class Staging:
+    """Two host images the step buffers are filled through, used in turns; pinned on a GPU.
+
+    A copy from pageable host memory may wait for the device to finish what is queued before it
+    (the driver stages it through pinned memory of its own), and the host would then prepare the
+    next step only once the device is idle. From pinned memory the copy is queued and the call
+    returns at once; the image must then not be refilled before the device has read it. Each
+    image's copy is marked by an event, and an image is taken again only two steps later — by
+    then, with one step in flight at most, its copy is long done; the event is checked anyway."""
+
+    def __init__(self, size: int, pinned: bool):
+        self.tensors = [torch.zeros(size, dtype=torch.long, pin_memory=pinned) for _ in range(2)]   # 2 x (size,)
+        self.images = [t.numpy() for t in self.tensors]                                              # their views
+        self.events: list = [None, None]
+        self.turn = 0
+
+    def take(self) -> int:
+        """The image to fill next (0 or 1), once the device has read what it held."""
+        i, self.turn = self.turn, 1 - self.turn
+        event = self.events[i]
+        if event is not None and not event.query():
+            event.synchronize()
+        return i
+
+    def copied(self, i: int) -> None:
+        """Image ``i``'s copy to the device has been queued."""
+        if self.tensors[i].is_pinned():
+            self.events[i] = torch.cuda.Event()
+            self.events[i].record()
 
 
 class StepGraphs:
@@ -94,6 +126,7 @@ class StepGraphs:
         self.buffers = {N: StepBuffers(N, max_num_seqs, max_blocks, runner.device)
                         for N in token_buckets(max_tokens)}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.staging = Staging(max(b.size for b in self.buffers.values()), pinned=torch.device(runner.device).type == "cuda")
 
     def static_batch(self, buf: StepBuffers):
         """The DeviceBatch a bucket's graph is captured with: views of its buffers, full size."""
@@ -146,7 +179,7 @@ class StepGraphs:
             if buf.fits(flat):
                 arrays = {**{n: flat.arrays()[n] for n in COMMON_ARRAYS},
                           **self.runner.attention.extra_arrays(flat, block_m=buf.block_m)}
-                buf.load(arrays)
+                buf.load(arrays, self.staging)
                 graph, logits = self.graphs[N]
                 graph.replay()
                 return logits[:len(flat.logits_indices)]

@@ -13,12 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enabled, pdl_launch_next, pdl_wait
+
 
 @triton.jit
 def _write_kv_kernel(k_ptr, v_ptr, slots_ptr, k_pool_ptr, v_pool_ptr, stride_k, stride_v,
-                     ROW: tl.constexpr, ROW_P2: tl.constexpr):
+                     ROW: tl.constexpr, ROW_P2: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_launch_next(USE_PDL)
     token = tl.program_id(0)
-    slot = tl.load(slots_ptr + token).to(tl.int64)
+    slot = tl.load(slots_ptr + token).to(tl.int64)          # the step's slot table: no kernel writes it
+    pdl_wait(USE_PDL)
     cols = tl.arange(0, ROW_P2)
     ok = cols < ROW
     k = tl.load(k_ptr + token * stride_k + cols, mask=ok)
@@ -36,5 +40,6 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
     assert k_pool.is_contiguous() and v_pool.is_contiguous()
     if N == 0:
         return
+    pdl = pdl_enabled(k.device)
     _write_kv_kernel[(N,)](k, v, slot_mapping, k_pool, v_pool, k.stride(0), v.stride(0),
-                           ROW=row, ROW_P2=triton.next_power_of_2(row))
+                           ROW=row, ROW_P2=triton.next_power_of_2(row), USE_PDL=pdl, launch_pdl=pdl)

@@ -6,7 +6,8 @@
   the projection before it needs no reduction kernel of its own. With ``rows`` it reads only those
   rows (the logit rows, for ``ln_f``) and writes only the LayerNorm.
 * :func:`embed_layernorm` — token + position embeddings and the first layer's ``ln_1``.
-* :func:`bias_gelu` — bias and tanh-GELU after a bias-less matmul (cuBLAS, many rows).
+* :func:`bias_gelu` — bias and tanh-GELU after a bias-less matmul (many rows on the CPU, through the
+  interpreter; on CUDA cuBLASLt's bias + GELU epilogue does it inside the matmul).
 
 Each sum is rounded to the residual stream's dtype before its LayerNorm, as the reference's
 separate add then LayerNorm do. One program a row; statistics in fp32. Runs on CPU through the
@@ -20,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError
+from .pdl import pdl_enabled, pdl_launch_next, pdl_wait
 from .triton_gemv import _gelu_tanh
 
 
@@ -37,7 +39,9 @@ def _layernorm_row(x, cols, ok, D, w_ptr, b_ptr, eps):
 def _add_layernorm_kernel(x_ptr, d_ptr, db_ptr, rows_ptr, w_ptr, b_ptr, x_out_ptr, h_ptr,
                           D, eps, stride_x, stride_ds, stride_dm, stride_xo, stride_h,
                           SPLIT: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DBIAS: tl.constexpr, GATHER: tl.constexpr,
-                          STORE_X: tl.constexpr, BLOCK_D: tl.constexpr):
+                          STORE_X: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_launch_next(USE_PDL)
+    pdl_wait(USE_PDL)
     i = tl.program_id(0)
     row = i.to(tl.int64)
     if GATHER:
@@ -61,7 +65,9 @@ def _add_layernorm_kernel(x_ptr, d_ptr, db_ptr, rows_ptr, w_ptr, b_ptr, x_out_pt
 
 @triton.jit
 def _embed_layernorm_kernel(ids_ptr, pos_ptr, wte_ptr, wpe_ptr, w_ptr, b_ptr, x_ptr, h_ptr, D, eps,
-                            stride_te, stride_pe, BLOCK_D: tl.constexpr):
+                            stride_te, stride_pe, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_launch_next(USE_PDL)
+    pdl_wait(USE_PDL)
     i = tl.program_id(0)
     tok = tl.load(ids_ptr + i).to(tl.int64)
     pos = tl.load(pos_ptr + i).to(tl.int64)
@@ -76,7 +82,9 @@ def _embed_layernorm_kernel(ids_ptr, pos_ptr, wte_ptr, wpe_ptr, w_ptr, b_ptr, x_
 
 
 @triton.jit
-def _bias_gelu_kernel(y_ptr, b_ptr, out_ptr, N, stride_y, stride_o, BLOCK_N: tl.constexpr):
+def _bias_gelu_kernel(y_ptr, b_ptr, out_ptr, N, stride_y, stride_o, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_launch_next(USE_PDL)
+    pdl_wait(USE_PDL)
     m = tl.program_id(0)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rn < N
@@ -87,6 +95,12 @@ def _bias_gelu_kernel(y_ptr, b_ptr, out_ptr, N, stride_y, stride_o, BLOCK_N: tl.
 
 def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8
+
+
+def _pdl(t: torch.Tensor) -> dict:
+    """The launch arguments of programmatic dependent launch (pdl.py) for a kernel on ``t``'s device."""
+    on = pdl_enabled(t.device)
+    return {"USE_PDL": on, "launch_pdl": on}
 
 
 def add_layernorm(x: torch.Tensor, ln: torch.nn.LayerNorm, delta: torch.Tensor | None = None,
@@ -118,7 +132,7 @@ def add_layernorm(x: torch.Tensor, ln: torch.nn.LayerNorm, delta: torch.Tensor |
         delta.stride(0) if delta is not None else 0, delta.stride(1) if delta is not None else 0,
         x_new.stride(0) if x_new is not None else 0, h.stride(0), SPLIT=delta.shape[0] if delta is not None else 0,
         HAS_DELTA=delta is not None, HAS_DBIAS=delta_bias is not None, GATHER=rows is not None,
-        STORE_X=x_new is not None, BLOCK_D=block, num_warps=_warps(block))
+        STORE_X=x_new is not None, BLOCK_D=block, num_warps=_warps(block), **_pdl(x))
     return x_new, h
 
 
@@ -131,7 +145,8 @@ def embed_layernorm(input_ids: torch.Tensor, positions: torch.Tensor, wte: torch
     if N:
         block = triton.next_power_of_2(D)
         _embed_layernorm_kernel[(N,)](input_ids, positions, wte, wpe, ln.weight, ln.bias, x, h, D, ln.eps,
-                                      wte.stride(0), wpe.stride(0), BLOCK_D=block, num_warps=_warps(block))
+                                      wte.stride(0), wpe.stride(0), BLOCK_D=block, num_warps=_warps(block),
+                                      **_pdl(x))
     return x, h
 
 
@@ -144,5 +159,6 @@ def bias_gelu(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(y)
     if M:
         block = 1024
-        _bias_gelu_kernel[(M, triton.cdiv(N, block))](y, bias, out, N, y.stride(0), out.stride(0), BLOCK_N=block)
+        _bias_gelu_kernel[(M, triton.cdiv(N, block))](y, bias, out, N, y.stride(0), out.stride(0), BLOCK_N=block,
+                                                       **_pdl(y))
     return out

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError
+from .pdl import pdl_enabled, pdl_launch_next, pdl_wait
 
 #: the most token rows plan_gemv gives the GEMV (it tiles rows by 16; past this cuBLAS is the better choice)
 GEMV_MAX_ROWS = 64
@@ -121,11 +122,34 @@ def default_config(M: int, K: int, N: int, k_contiguous: bool) -> GemvConfig:
     return GemvConfig(block_n=block_n, block_k=block_k, split=split, num_warps=4, use_dot=use_dot)
 
 
-def plan_gemv(M: int, K: int, N: int, k_contiguous: bool = False) -> GemvConfig | None:
+#: with programmatic dependent launch (pdl.py) a GEMV of at most this many rows, whose weight matrix
+#: has at most PDL_MAX_BYTES, runs as one-trip tiles of ours: every program loads its whole weight
+#: tile before it waits for the kernel ahead, so the weights stream in while that kernel finishes.
+#: Measured on an H200 (benchmarks/probe_session3.py, whole decode-step graphs): GPT-2 124M (every
+#: matrix <= 4.7 MB) 0.395 -> 0.335 ms a step at one row; GPT-2 XL's 15-20 MB matrices were slower
+#: so (2.12 -> 2.52 ms), its 5 MB one no faster: past 8 MB cuBLAS keeps the product
+PDL_MAX_ROWS = 16
+PDL_MAX_BYTES = 8 << 20
+#: the one-trip tile of the PDL GEMVs: BLOCK_K x BLOCK_N weights (16 KB of bf16) a program
+PDL_BLOCK_K, PDL_BLOCK_N = 128, 64
+
+
+def pdl_config(M: int, K: int) -> GemvConfig:
+    """One trip per program: ``split = ceil(K / PDL_BLOCK_K)`` partials, summed by the consumer."""
+    return GemvConfig(block_n=PDL_BLOCK_N, block_k=PDL_BLOCK_K, split=triton.cdiv(K, PDL_BLOCK_K),
+                      num_warps=4, use_dot=M > 1)
+
+
+def plan_gemv(M: int, K: int, N: int, k_contiguous: bool = False, pdl: bool = False,
+              element_size: int = 2) -> GemvConfig | None:
     """The kernel for ``(M, K) @ (K, N)``: a :class:`GemvConfig`, or ``None`` for cuBLAS. Decided
-    from the shape only (once per captured token bucket), never from the data."""
+    from the shape only (once per captured token bucket), never from the data. ``pdl``: our
+    kernels are launched with programmatic dependent launch (:func:`pdl_config` then for the
+    projections of few rows)."""
     if M > GEMV_MAX_ROWS:
         return None
+    if pdl and not k_contiguous and M <= PDL_MAX_ROWS and K * N * element_size <= PDL_MAX_BYTES:
+        return pdl_config(M, K)
     measured = [m for (k, n, c, m) in MEASURED if (k, n, c) == (K, N, k_contiguous) and m >= M]
     if measured:
         return MEASURED[(K, N, k_contiguous, min(measured))]
@@ -146,13 +170,8 @@ def _gelu_tanh(y):
 
 
 @triton.jit
-def _gemv_block(acc, x_ptr, w_ptr, rm, m_ok, rn, n_ok, k, K, stride_xm, stride_wk, stride_wn,
-                USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
-    """``acc += x[rows, k] @ w[k, cols]`` for one trip of ``BLOCK_K`` K rows."""
-    k_ok = k < K
-    x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-    w = tl.load(w_ptr + k[:, None] * stride_wk + rn[None, :] * stride_wn,
-                mask=k_ok[:, None] & n_ok[None, :], other=0.0)                  # (BLOCK_K, BLOCK_N)
+def _gemv_accumulate(acc, x, w, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """``acc += x (BLOCK_M, BLOCK_K) @ w (BLOCK_K, BLOCK_N)``, fp32."""
     if USE_DOT:
         if DOT_FP32:
             if IEEE:
@@ -167,11 +186,26 @@ def _gemv_block(acc, x_ptr, w_ptr, rm, m_ok, rn, n_ok, k, K, stride_xm, stride_w
 
 
 @triton.jit
+def _load_w(w_ptr, k, K, rn, n_ok, stride_wk, stride_wn):
+    """The weight tile ``w[k, cols]`` (BLOCK_K, BLOCK_N)."""
+    return tl.load(w_ptr + k[:, None] * stride_wk + rn[None, :] * stride_wn,
+                   mask=(k < K)[:, None] & n_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _load_x(x_ptr, rm, m_ok, k, K, stride_xm):
+    """The activation tile ``x[rows, k]`` (BLOCK_M, BLOCK_K)."""
+    return tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split,
                  stride_xm, stride_wk, stride_wn, stride_om, stride_os,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, GELU: tl.constexpr, PARTIAL: tl.constexpr, WHILE_LOOP: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, GELU: tl.constexpr, PARTIAL: tl.constexpr, WHILE_LOOP: tl.constexpr,
+                 USE_PDL: tl.constexpr):
+    pdl_launch_next(USE_PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -180,17 +214,24 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split,
     m_ok = rm < M
     n_ok = rn < N
     k_lo = pid_s * k_per_split
+    # the first weight tile does not depend on the kernel ahead: with PDL it streams in while that
+    # kernel finishes (a split of one trip — k_per_split == BLOCK_K — loads all its weights here)
+    w = _load_w(w_ptr, k_lo + rk, K, rn, n_ok, stride_wk, stride_wn)
+    pdl_wait(USE_PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _gemv_accumulate(acc, _load_x(x_ptr, rm, m_ok, k_lo + rk, K, stride_xm), w, USE_DOT, DOT_FP32, IEEE)
     if WHILE_LOOP:        # the interpreter cannot range() over an argument; compiled code can (and pipelines it)
-        k0 = 0
+        k0 = BLOCK_K
         while k0 < k_per_split:
-            acc = _gemv_block(acc, x_ptr, w_ptr, rm, m_ok, rn, n_ok, k_lo + k0 + rk, K, stride_xm, stride_wk,
-                              stride_wn, USE_DOT, DOT_FP32, IEEE)
+            k = k_lo + k0 + rk
+            acc = _gemv_accumulate(acc, _load_x(x_ptr, rm, m_ok, k, K, stride_xm),
+                                   _load_w(w_ptr, k, K, rn, n_ok, stride_wk, stride_wn), USE_DOT, DOT_FP32, IEEE)
             k0 += BLOCK_K
     else:
-        for k0 in range(0, k_per_split, BLOCK_K):
-            acc = _gemv_block(acc, x_ptr, w_ptr, rm, m_ok, rn, n_ok, k_lo + k0 + rk, K, stride_xm, stride_wk,
-                              stride_wn, USE_DOT, DOT_FP32, IEEE)
+        for k0 in range(BLOCK_K, k_per_split, BLOCK_K):
+            k = k_lo + k0 + rk
+            acc = _gemv_accumulate(acc, _load_x(x_ptr, rm, m_ok, k, K, stride_xm),
+                                   _load_w(w_ptr, k, K, rn, n_ok, stride_wk, stride_wn), USE_DOT, DOT_FP32, IEEE)
     ok = m_ok[:, None] & n_ok[None, :]
     if PARTIAL:                     # fp32 partial of this split: (split, M, N), summed by the consumer
         tl.store(out_ptr + pid_s * stride_os + rm[:, None] * stride_om + rn[None, :], acc, mask=ok)
@@ -204,7 +245,10 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split,
 
 @triton.jit
 def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_ps, stride_pm, stride_om,
-                          SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+                          SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                          USE_PDL: tl.constexpr):
+    pdl_launch_next(USE_PDL)
+    pdl_wait(USE_PDL)
     m = tl.program_id(0)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rn < N
@@ -229,6 +273,7 @@ def _check(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int]:
 def _launch(x, w, bias, out, config: GemvConfig, gelu: bool, partial: bool) -> None:
     M, K, N = x.shape[0], x.shape[1], w.shape[1]
     interp = _interpreting()
+    pdl = pdl_enabled(x.device)
     fp32 = x.dtype == torch.float32 or w.dtype == torch.float32
     block_m = 16 if config.use_dot else min(triton.next_power_of_2(max(M, 1)), 16)
     grid = (triton.cdiv(N, config.block_n), config.num_splits(K), triton.cdiv(M, block_m))
@@ -238,7 +283,7 @@ def _launch(x, w, bias, out, config: GemvConfig, gelu: bool, partial: bool) -> N
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         USE_DOT=config.use_dot, DOT_FP32=fp32 or interp, IEEE=fp32 and not interp,
         HAS_BIAS=bias is not None, GELU=gelu, PARTIAL=partial, WHILE_LOOP=interp,
-        num_warps=config.num_warps)
+        USE_PDL=pdl, num_warps=config.num_warps, launch_pdl=pdl)
 
 
 def gemv_partials(x: torch.Tensor, w: torch.Tensor, config: GemvConfig) -> torch.Tensor:
@@ -259,10 +304,11 @@ def splitk_reduce(partials: torch.Tensor, bias: torch.Tensor | None = None, gelu
         out = torch.empty(M, N, dtype=dtype or partials.dtype, device=partials.device)
     if M:
         block_n = 1024
+        pdl = pdl_enabled(partials.device)
         _splitk_reduce_kernel[(M, triton.cdiv(N, block_n))](
             partials, bias if bias is not None else partials, out, M, N,
             partials.stride(0), partials.stride(1), out.stride(0), SPLIT=S,
-            BLOCK_N=block_n, HAS_BIAS=bias is not None, GELU=gelu)
+            BLOCK_N=block_n, HAS_BIAS=bias is not None, GELU=gelu, USE_PDL=pdl, launch_pdl=pdl)
     return out
 
 

@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enabled, pdl_launch_next, pdl_wait
 from .attention_tiles import build_tiles, kv_splits_for, max_tiles, tile_rows_for  # noqa: F401  (the host side)
 
 LOG2_E = 1.4426950408889634          # exp(x) = exp2(x * log2(e)); exp2 is the hardware instruction
@@ -152,15 +153,19 @@ def _unified_attention_kernel(
     stride_as, stride_an, stride_ah,             # split partial acc: (S, N, H, Dh), dim stride 1
     HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    WHILE_LOOP: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_launch_next(USE_PDL)
     tile = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)                     # always 0 with NUM_SPLITS == 1
     if tile >= tl.load(num_tiles_ptr):           # a padded program of the static grid
         return
+    # the step's tables are written by the host before the step, never by a kernel: read them while
+    # the kernel ahead (the K/V write) finishes; the queries and the pool only after it (pdl.py)
     seq, first, q_start, q_end, prefix, rows, key_end = _tile_extent(
         tile, tables_ptr, context_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr, BLOCK_M)
+    pdl_wait(USE_PDL)
     row_ok = rows < q_end
     pos = prefix + (rows - q_start)                            # absolute positions of the queries
 
@@ -212,17 +217,19 @@ def _merge_splits_kernel(
     tables_ptr, context_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr, num_tiles_ptr,
     stride_on, stride_oh, stride_mlk, stride_mls, stride_mln, stride_as, stride_an, stride_ah,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """One program per (tile, head): the exact softmax of the tile's rows from their chunks' partials,
     ``M = max m_s``, ``out = Σ 2^(m_s - M) acc_s / Σ 2^(m_s - M) l_s``. Only the chunks that hold keys
     are read (the others were never written); chunk 0 always holds key 0, which every row sees."""
+    pdl_launch_next(USE_PDL)
     tile = tl.program_id(0)
     head = tl.program_id(1)
     if tile >= tl.load(num_tiles_ptr):
         return
     seq, first, q_start, q_end, prefix, rows, key_end = _tile_extent(
         tile, tables_ptr, context_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr, BLOCK_M)
+    pdl_wait(USE_PDL)
     row_ok = rows < q_end
     live_splits = tl.cdiv(key_end, _split_chunk(key_end, NUM_SPLITS, BLOCK_N))
     d = tl.arange(0, HEAD_DIM_P2)
@@ -273,8 +280,9 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     with the same ``block_m``); ``num_tiles`` (1,) live tiles; ``grid_tiles`` >= that, a fixed launch
     size. All device tensors, no host synchronisation: safe inside a CUDA graph. Rows not covered by
     a tile (padding) are left as they are in ``out``. ``block_n``: keys per loop trip (default: 128
-    with 16-row tiles of 16-bit heads up to 64 wide — steps that are mostly decodes, where fewer,
-    longer trips wait less on memory — else 64; :data:`SPLIT_BLOCK_N` when split).
+    with 16- and 128-row tiles of 16-bit heads up to 64 wide — steps that are mostly decodes, where
+    fewer, longer trips wait less on memory, and steps of few long prompts — else 64;
+    :data:`SPLIT_BLOCK_N` when split).
 
     ``num_splits`` > 1: split-KV — each tile's keys in that many chunks, one program each, then a
     merge kernel. Its fp32 scratch ``(S, N, H, Dh + 2)`` is allocated here with a shape fixed by the
@@ -288,11 +296,14 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if out is None:
         out = torch.empty_like(q)
     fp32 = q.dtype == torch.float32
-    if block_n is None:   # 128-key trips only where K and V tiles stay small (shared memory per stage)
+    pdl = pdl_enabled(q.device)
+    if block_n is None:   # 128-key trips for 16-row tiles (mostly decodes: fewer, longer trips wait less
+        # on memory) and 128-row tiles (few long prompts: half the trips), where K and V of 16-bit
+        # heads up to 64 wide keep shared memory small; else 64
         if num_splits > 1:
             block_n = SPLIT_BLOCK_N
         else:
-            block_n = 128 if block_m <= 16 and Dh * q.element_size() <= 128 else 64
+            block_n = 128 if block_m in (16, 128) and Dh * q.element_size() <= 128 else 64
     if num_splits > 1:
         part_ml = torch.empty(2, num_splits, N, H, dtype=torch.float32, device=q.device)       # m and l
         part_acc = torch.empty(num_splits, N, H, Dh, dtype=torch.float32, device=q.device)
@@ -313,11 +324,12 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         *part_strides,
         BLOCK_SIZE=k_cache.shape[1], DOT_FP32=fp32 or _interpreting(),
         IEEE=fp32 and not _interpreting(), WHILE_LOOP=_interpreting(),
-        num_warps=num_warps, num_stages=num_stages, **consts,
+        num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl, **consts,
     )
     if num_splits > 1:
         _merge_splits_kernel[(grid_tiles, H)](
             out, part_ml, part_acc, block_tables, context_lens, query_start, tile_seq, tile_row, num_tiles,
-            out.stride(0), out.stride(1), *part_strides, num_warps=4 if block_m > 16 else 2, **consts,
+            out.stride(0), out.stride(1), *part_strides, num_warps=4 if block_m > 16 else 2,
+            USE_PDL=pdl, launch_pdl=pdl, **consts,
         )
     return out
