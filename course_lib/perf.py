@@ -26,6 +26,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .config import GPTConfig
@@ -104,7 +105,7 @@ def parameter_count(config: GPTConfig, non_embedding: bool = True) -> int:
 def keys_seen(new_tokens: int, past: int = 0, causal: bool = True) -> int:
     """Sum over ``new_tokens`` queries placed after ``past`` cached tokens of the keys each sees:
     a query at absolute position ``p`` sees ``p + 1`` keys under the causal mask; without it every
-    query is charged for all ``past + new_tokens`` keys."""
+    query is charged for all ``past + new_tokens`` keys. Ints, or numpy arrays element by element."""
     T, P = new_tokens, past
     return T * P + T * (T + 1) // 2 if causal else T * (P + T)
 
@@ -133,8 +134,10 @@ def batch_cost(config: GPTConfig, query_lens, context_lens, num_logit_rows: int,
     if len(query_lens) != len(context_lens) or not len(query_lens):
         raise InputError("query_lens and context_lens must be equally long and not empty")
     D, V, L = config.n_embd, config.vocab_size, config.n_layer
-    tokens = int(sum(query_lens))
-    keys = sum(keys_seen(int(q), int(c) - int(q), causal) for q, c in zip(query_lens, context_lens))
+    q = np.asarray(query_lens, dtype=np.int64)                 # (B,) one pass over the batch, not a Python loop:
+    c = np.asarray(context_lens, dtype=np.int64)               # the engine's ledger counts every step
+    tokens = int(q.sum())
+    keys = int(keys_seen(q, c - q, causal).sum())
     flops = {
         "linear": 2 * layer_matmul_params(config) * L * tokens,
         "attention": 4 * D * keys * L,
@@ -145,7 +148,7 @@ def batch_cost(config: GPTConfig, query_lens, context_lens, num_logit_rows: int,
     nbytes = {
         "weights": weights * e,
         "embeddings": 2 * tokens * D * e,                                    # wte rows + wpe rows gathered
-        "kv_read": kv_cache_bytes(config, 1, int(sum(context_lens)), e),     # every visible key and value, once
+        "kv_read": kv_cache_bytes(config, 1, int(c.sum()), e),     # every visible key and value, once
         "kv_write": kv_cache_bytes(config, 1, tokens, e),                     # the new keys and values
         "activations": 2 * L * tokens * D * e,                               # residual stream in and out per layer
         "logits": num_logit_rows * V * e,

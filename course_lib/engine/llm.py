@@ -186,8 +186,10 @@ class LLM:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else None
 
     # ------------------------------------------------------------------ outputs
-    def _run(self, requests) -> Iterator[tuple[list[Sequence], StreamEvent | None]]:
-        """Queue the requests and step until all are done, yielding each new token's event.
+    def _run(self, requests, events: bool = True) -> Iterator[tuple[list[Sequence], StreamEvent | None]]:
+        """Queue the requests and step until all are done, yielding each new token's event (with
+        ``events=False`` only the final ``(seqs, None)``: ``generate`` reads the whole outputs, and
+        a per-token event, decoded to text, costs more host time than a GPU decode step).
 
         Events are read off the requests' own tokens, not off what a step returns: another consumer
         of this LLM (a second stream, a ``generate`` while a stream is open, another thread) may run
@@ -200,7 +202,7 @@ class LLM:
                     seqs.append(self.engine.enqueue(ids, p))
             sent = [0] * len(seqs)
             while True:
-                for i, seq in enumerate(seqs):
+                for i, seq in enumerate(seqs if events else ()):
                     while sent[i] < seq.num_output_tokens:
                         token = seq.token_ids[seq.num_prompt_tokens + sent[i]]
                         sent[i] += 1
@@ -227,7 +229,7 @@ class LLM:
 
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
         """Run every prompt to the end; outputs in the order of ``prompts``."""
-        for seqs, _ in self._run(self._requests(prompts, sampling_params)):
+        for seqs, _ in self._run(self._requests(prompts, sampling_params), events=False):
             pass
         return [self._output(i, s) for i, s in enumerate(seqs)]
 

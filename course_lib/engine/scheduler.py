@@ -178,7 +178,8 @@ class Scheduler:
         last by ``max_tokens``: out of ``running`` into ``finishing``, their blocks freed now (no step
         reads them again), so the next step neither computes a wasted token for them nor keeps their
         slot. Returns them."""
-        retired = [q for q in seqs if q in self.running and q.reaches_max_tokens]
+        running = set(map(id, self.running))
+        retired = [q for q in seqs if id(q) in running and q.reaches_max_tokens]
         for seq in retired:
             seq.last_token_in_flight = True
             self.running.remove(seq)
