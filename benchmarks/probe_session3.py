@@ -5,7 +5,7 @@
 
 Needs CUDA (PDL: compute capability 9.0).
 
-E1 prefill attention: the unified kernel's tile configs vs SDPA at B1/B8 x 1024.
+E1 prefill attention: the unified kernel's tile configs (BLOCK_M, BLOCK_N, warps, stages) vs SDPA at B1/B8 x 1024.
 E2 cublasLt bias+GELU epilogue (torch._addmm_activation) vs mm + our bias_gelu.
 E3 PDL GEMV chains: all XL weight products of one token in one graph, cuBLAS vs one-shot
    Triton GEMVs launched with programmatic dependent launch (weights loaded before gdc_wait).
@@ -245,30 +245,15 @@ def e4():
         llm = LLM(model, max_num_seqs=64, max_num_batched_tokens=8192)
         for batch in (1, 32):
             r = B.engine_decode(llm, batch, 512, steps=64)
-            g, _ = llm.engine.runner.step_graphs.graphs[batch if batch in llm.engine.runner.step_graphs.graphs else 32]
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(100):
-                g.replay()
-            b.record()
-            torch.cuda.synchronize()
-            replay_ms = a.elapsed_time(b) / 100
+            replay_ms = _replay_ms(llm.engine.runner.step_graphs.graphs[batch][0], 100)
             rec = {"model": shape, "batch": batch, "step_ms": batch / r["tokens_per_s"] * 1e3,
                    "replay_ms": replay_ms}
             print("E4", rec, flush=True)
             out.append(rec)
         # prefill B8 x 1024: whole generate vs graph replay of the 8192 bucket
         r = B.engine_prefill(llm, 8, 1024)
-        g, _ = llm.engine.runner.step_graphs.graphs[8192]
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(10):
-            g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        rec = {"model": shape, "prefill_B8_generate_ms": r["seconds"] * 1e3, "replay_8192_ms": a.elapsed_time(b) / 10}
+        rec = {"model": shape, "prefill_B8_generate_ms": r["seconds"] * 1e3,
+               "replay_8192_ms": _replay_ms(llm.engine.runner.step_graphs.graphs[8192][0], 10)}
         print("E4", rec, flush=True)
         out.append(rec)
         del llm, model

@@ -280,6 +280,17 @@ def test_gpu_tensor_parallel_worker_fault_is_a_clear_error(ckpt):
     assert time.monotonic() - t0 < 60
 
 
+def _same_tokens_and_logprobs(runs):
+    """``runs``: {True: (outputs, engine), False: (outputs, engine)} of the same requests: token for
+    token equal, log-probabilities within 1e-4, and the run exercised preemption and prefix hits."""
+    (a, eng), (b, _) = runs[True], runs[False]
+    assert [x.token_ids for x in a] == [y.token_ids for y in b]
+    for x, y in zip(a, b):
+        for p, q in zip(x.logprobs, y.logprobs):
+            assert p.keys() == q.keys() and all(abs(p[k] - q[k]) < 1e-4 for k in p)
+    assert eng.scheduler.num_preemptions > 0 and eng.block_manager.num_hit_tokens > 0
+
+
 # ---------------------------------------------------------------------- asynchronous scheduling
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpu_async_scheduling_gives_the_tokens_of_sync_with_graphs(ckpt, dtype):
@@ -294,12 +305,7 @@ def test_gpu_async_scheduling_gives_the_tokens_of_sync_with_graphs(ckpt, dtype):
                   async_scheduling=on)
         assert llm.engine.runner.step_graphs is not None and llm.engine.lag == int(on)
         runs[on] = (llm.generate(prompts, params), llm.engine)
-    (a, eng), (b, _) = runs[True], runs[False]
-    assert [x.token_ids for x in a] == [y.token_ids for y in b]
-    for x, y in zip(a, b):
-        for p, q in zip(x.logprobs, y.logprobs):
-            assert p.keys() == q.keys() and all(abs(p[k] - q[k]) < 1e-4 for k in p)
-    assert eng.scheduler.num_preemptions > 0 and eng.block_manager.num_hit_tokens > 0
+    _same_tokens_and_logprobs(runs)
 
 
 def test_gpu_async_issues_the_next_step_before_reading_and_never_syncs_elsewhere(ckpt):
@@ -364,12 +370,7 @@ def test_gpu_pdl_on_and_off_give_the_same_tokens_fp32(ckpt, monkeypatch):
         plan = llm.engine.runner.fused.plan(1, llm.engine.runner.model.transformer.h[0].mlp.c_fc.weight)
         assert (plan is not None and plan.k_per_split(CONFIG["n_embd"]) == plan.block_k) == on   # one-trip GEMVs
         runs[on] = (llm.generate(prompts, params), llm.engine)
-    (a, eng), (b, _) = runs[True], runs[False]
-    assert [x.token_ids for x in a] == [y.token_ids for y in b]
-    for x, y in zip(a, b):
-        for p, q in zip(x.logprobs, y.logprobs):
-            assert p.keys() == q.keys() and all(abs(p[k] - q[k]) < 1e-4 for k in p)
-    assert eng.scheduler.num_preemptions > 0 and eng.block_manager.num_hit_tokens > 0
+    _same_tokens_and_logprobs(runs)
 
 
 def test_gpu_cublaslt_bias_gelu_epilogue_is_the_tanh_gelu():
