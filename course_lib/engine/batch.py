@@ -72,29 +72,37 @@ class FlatBatch:
 
 def build_flat_batch(scheduled: list[ScheduledSeq], block_size: int) -> FlatBatch:
     seqs = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)          # single rows first (stable)
-    qlens = np.array([s.num_new_tokens for s in seqs], dtype=np.int64)     # (B,)
-    starts = np.array([s.start for s in seqs], dtype=np.int64)            # (B,) cached before the step
+    # one pass over the requests collects Python lists; each array is then made in one conversion
+    # (a numpy assignment per request costs microseconds, and a decode step has a request a row)
+    ids, feed, qlens, starts, tables, logit_rows = [], [], [], [], [], []
+    row = 0
+    for s in seqs:
+        n = s.num_new_tokens
+        known = s.seq.token_ids[s.start:s.start + n]
+        ids += known
+        feed += [0] * len(known)
+        if len(known) < n:                         # its last new token is still on the device
+            assert len(known) == n - 1 and s.seq.feed_row >= 0, "only the last token can be in flight"
+            ids.append(0)
+            feed.append(s.seq.feed_row + 1)
+        row += n
+        if s.needs_logits:
+            logit_rows.append(row - 1)
+        qlens.append(n)
+        starts.append(s.start)
+        tables.append(s.seq.block_table)
+    qlens = np.array(qlens, dtype=np.int64)                                 # (B,)
+    starts = np.array(starts, dtype=np.int64)                               # (B,) cached before the step
     query_start = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum(qlens, out=query_start[1:])                                   # (B + 1,)
-    ids = np.zeros(int(query_start[-1]), dtype=np.int64)                    # (N,)
-    feed = np.zeros(len(ids), dtype=np.int64)                               # (N,)
-    for i, s in enumerate(seqs):
-        known = s.seq.token_ids[s.start:s.start + s.num_new_tokens]
-        a = int(query_start[i])
-        ids[a:a + len(known)] = known
-        if len(known) < s.num_new_tokens:          # its last new token is still on the device
-            assert len(known) == s.num_new_tokens - 1 and s.seq.feed_row >= 0, "only the last token can be in flight"
-            feed[a + len(known)] = s.seq.feed_row + 1
+    ids = np.array(ids, dtype=np.int64)                                     # (N,)
     seq_of_row = np.repeat(np.arange(len(seqs)), qlens)                     # (N,)
     positions = starts[seq_of_row] + np.arange(len(ids)) - query_start[seq_of_row]   # (N,)
-    width = max(len(s.seq.block_table) for s in seqs)
-    tables = np.full((len(seqs), width), NULL_BLOCK, dtype=np.int64)        # (B, M)
-    for i, s in enumerate(seqs):
-        tables[i, :len(s.seq.block_table)] = s.seq.block_table
+    width = max(len(t) for t in tables)
+    tables = np.array([t + [NULL_BLOCK] * (width - len(t)) for t in tables], dtype=np.int64)   # (B, M)
     slots = tables[seq_of_row, positions // block_size] * block_size + positions % block_size   # (N,)
-    logit_rows = np.array([query_start[i + 1] - 1 for i, s in enumerate(seqs) if s.needs_logits],
-                          dtype=np.int64)                                   # (R,)
-    num_single = int(np.argmax(qlens != 1)) if (qlens != 1).any() else len(seqs)
+    num_single = next((i for i, n in enumerate(qlens.tolist()) if n != 1), len(seqs))
     return FlatBatch(seqs=seqs, input_ids=ids, positions=positions, slot_mapping=slots, query_start=query_start,
-                     context_lens=starts + qlens, block_tables=tables, logits_indices=logit_rows,
-                     num_single_rows=num_single, feed_rows=feed)
+                     context_lens=starts + qlens, block_tables=tables,
+                     logits_indices=np.array(logit_rows, dtype=np.int64),  # (R,)
+                     num_single_rows=num_single, feed_rows=np.array(feed, dtype=np.int64))
