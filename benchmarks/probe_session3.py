@@ -3,7 +3,11 @@
     python3 benchmarks/probe_session3.py --out probe.json --parts e3,e2,e4,e1   # kernels (~2 min)
     python3 benchmarks/probe_session3.py --out probe.json                        # engine variants (~2.5 min)
 
-Needs CUDA (PDL: compute capability 9.0).
+Needs CUDA (PDL: compute capability 9.0). The JSON committed from it was measured with an earlier
+revision of this file, whose E3 ran a prototype of the one-trip GEMV written here (the kernel that
+became triton_gemv's ``pdl_config`` path) and whose replays were timed back to back as one mean;
+this revision calls course_lib's GEMV and perf.captured_seconds / graph_replay_seconds (a median of
+single replays) instead, and has not been rerun.
 
 E1 prefill attention: the unified kernel's tile configs (BLOCK_M, BLOCK_N, warps, stages) vs SDPA at B1/B8 x 1024.
 E2 cublasLt bias+GELU epilogue (torch._addmm_activation) vs mm + our bias_gelu.
@@ -16,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -24,11 +27,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 import triton.testing
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from course_lib import perf  # noqa: E402
+from course_lib.engine import pdl  # noqa: E402
+from course_lib.engine.triton_gemv import GemvConfig, gemv  # noqa: E402
 
 RES = {}
 
@@ -105,47 +111,6 @@ def e2():
     RES["e2"] = out
 
 
-@triton.jit
-def _gemv_oneshot(x_ptr, w_ptr, part_ptr, N, K, stride_wk, stride_ps,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    n_ok = rn < N
-    k_ok = rk < K
-    w = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-    if USE_GDC:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    x = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
-    acc = tl.sum(x[:, None] * w.to(tl.float32), axis=0)
-    tl.store(part_ptr + pid_k * stride_ps + rn, acc, mask=n_ok)
-
-
-@triton.jit
-def _reduce(part_ptr, out_ptr, N, stride_ps, SPLIT: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
-    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = rn < N
-    if USE_GDC:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for s in range(SPLIT):
-        acc += tl.load(part_ptr + s * stride_ps + rn, mask=ok, other=0.0)
-    tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-def oneshot(x, w, part, out, bn, bk, gdc, warps=4):
-    K, N = w.shape
-    S = triton.cdiv(K, bk)
-    _gemv_oneshot[(triton.cdiv(N, bn), S)](x, w, part, N, K, w.stride(0), part.stride(0),
-                                           BLOCK_N=bn, BLOCK_K=bk, USE_GDC=gdc, num_warps=warps, launch_pdl=gdc)
-    _reduce[(triton.cdiv(N, 512),)](part, out, N, part.stride(0), SPLIT=S, BLOCK=512, USE_GDC=gdc,
-                                    num_warps=4, launch_pdl=gdc)
-    return out
-
-
 def e3():
     dev, dt = "cuda", torch.bfloat16
     out = []
@@ -165,67 +130,40 @@ def e3():
                 x = torch.mm(y, ws[3])
             return x
 
-        def make_chain(bn, bk, gdc, warps):
-            bufs = {}
-
-            def buf(key, shape, dtype):
-                if key not in bufs:
-                    bufs[key] = torch.empty(shape, device=dev, dtype=dtype)
-                return bufs[key]
-
+        def make_chain(bn, bk, warps):
+            """Every product as one-trip tiles of ours (partials, then a reduce): course_lib's GEMV."""
             def chain():
                 x = x0
-                for li, ws in enumerate(Ws):
+                for ws in Ws:
                     y = x
-                    for j, w in enumerate(ws):
-                        K, N = w.shape
-                        part = buf(("p", j), (triton.cdiv(K, bk), N), torch.float32)
-                        o = buf(("o", li, j), (1, N), dt)
-                        oneshot(y.reshape(-1)[:K], w, part, o, bn, bk, gdc, warps)
-                        y = o
+                    for w in ws:
+                        K = w.shape[0]
+                        config = GemvConfig(block_n=bn, block_k=bk, split=triton.cdiv(K, bk), num_warps=warps)
+                        y = gemv(y[:, :K], w, config=config)
                     x = y[:, :D]
                 return x
             return chain
 
         def graph_time(fn):
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fn()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            for _ in range(3):
-                g.replay()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(15):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                g.replay()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b))
-            return sorted(times)[len(times) // 2]
+            return perf.captured_seconds([fn], replays=15) * 1e3
 
         rec = {"model": name, "bytes": nbytes, "cublas_ms": graph_time(chain_cublas), "variants": []}
         print(f"E3 {name}: cuBLAS chain {rec['cublas_ms']:.3f} ms ({nbytes / rec['cublas_ms'] / 1e9:.0f} GB/s)", flush=True)
-        # correctness of one product
+        # correctness of one product, PDL on
         w = Ws[0][0]
-        K, N = w.shape
-        part = torch.empty(triton.cdiv(K, 64), N, device=dev, dtype=torch.float32)
-        o = torch.empty(1, N, device=dev, dtype=dt)
-        oneshot(x0.reshape(-1), w, part, o, 128, 64, True)
+        o = gemv(x0, w, config=GemvConfig(block_n=128, block_k=64, split=triton.cdiv(w.shape[0], 64)))
         rec["err"] = (o.float() - (x0.float() @ w.float())).abs().max().item()
         for bn, bk, warps in ((128, 64, 4), (64, 128, 4), (128, 128, 4), (256, 64, 4), (128, 32, 4), (64, 64, 2)):
             for gdc in (False, True):
+                pdl.ENABLED = gdc
                 try:
-                    ms = graph_time(make_chain(bn, bk, gdc, warps))
+                    ms = graph_time(make_chain(bn, bk, warps))
                 except Exception as e:
                     rec["variants"].append({"bn": bn, "bk": bk, "warps": warps, "gdc": gdc, "error": repr(e)[:300]})
                     print("E3 error", bn, bk, gdc, repr(e)[:300], flush=True)
                     continue
+                finally:
+                    pdl.ENABLED = True
                 rec["variants"].append({"bn": bn, "bk": bk, "warps": warps, "gdc": gdc, "ms": ms,
                                         "gbps": nbytes / ms / 1e6})
                 print(f"E3 {name} bn={bn} bk={bk} w={warps} gdc={gdc}: {ms:.3f} ms ({nbytes / ms / 1e6:.0f} GB/s)",
@@ -276,20 +214,13 @@ def p1():
 
 
 def _replay_ms(graph, reps):
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        graph.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
+    return perf.graph_replay_seconds(graph, reps) * 1e3
 
 
 def p2():
     from course_lib.engine import LLM, SamplingParams
     from course_lib.engine import benchmark as B
-    from course_lib.engine import pdl, triton_gemv
+    from course_lib.engine import triton_gemv
     out = []
     variants = {"pdl_off": (False, 64 << 20), "pdl_all_ours": (True, 64 << 20), "pdl_cublas_proj": (True, 0),
                 "pdl_ours_le8MB": (True, 8 << 20)}

@@ -148,7 +148,7 @@ def batch_cost(config: GPTConfig, query_lens, context_lens, num_logit_rows: int,
     nbytes = {
         "weights": weights * e,
         "embeddings": 2 * tokens * D * e,                                    # wte rows + wpe rows gathered
-        "kv_read": kv_cache_bytes(config, 1, int(c.sum()), e),     # every visible key and value, once
+        "kv_read": kv_cache_bytes(config, 1, int(c.sum()), e),              # every visible key and value, once
         "kv_write": kv_cache_bytes(config, 1, tokens, e),                     # the new keys and values
         "activations": 2 * L * tokens * D * e,                               # residual stream in and out per layer
         "logits": num_logit_rows * V * e,

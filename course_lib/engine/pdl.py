@@ -20,8 +20,8 @@ triton_unified.py):
   kernel ahead of it completes, and the kernel after it waits for it — correct, without overlap.
 
 A GEMV gains the most: its weights do not depend on the kernel ahead, so it streams them while
-that kernel finishes (benchmarks/probe_session3.py measured GPT-2 124M's 48 weight products at one
-row in one graph: 0.263 ms without PDL, 0.186 ms with it, cuBLAS 0.241 ms). Off on older GPUs, on
+that kernel finishes (benchmarks/probe_session3.py, on an NVIDIA H200: GPT-2 124M's 48 weight
+products at one row in one graph took 0.263 ms without PDL, 0.186 ms with it, cuBLAS 0.241 ms). Off on older GPUs, on
 CPU and under the Triton interpreter, where the two calls compile to nothing. Measured in
 benchmarks/NOTES.md.
 """
