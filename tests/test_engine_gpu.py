@@ -16,7 +16,7 @@ import torch
 from conftest import random_model
 from course_lib import checkpoint
 from course_lib.config import GPTConfig
-from course_lib.engine import LLM, SamplingParams
+from course_lib.engine import LLM, EngineConfig, SamplingParams
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -349,6 +349,47 @@ def test_gpu_async_issues_the_next_step_before_reading_and_never_syncs_elsewhere
     steps = order.count("replay")
     # 12 tokens each: at least 12 steps (13 here: the 257 prompt tokens need two steps of 256)
     assert steps >= 12 and order == ["replay"] + ["replay", "read"] * (steps - 1) + ["read"]
+
+
+# ---------------------------------------------------------------------- decode bursts
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_decode_bursts_give_the_tokens_of_single_steps_and_never_sync(ckpt, dtype, monkeypatch):
+    """Bursts of 8 graph replays per scheduling (each step laid out from the one before, its ids fed
+    on the device) give the tokens of single steps bit for bit — the same graphs run the same
+    batches — and nothing but the read of a burst's tokens waits for the device."""
+    from course_lib.engine.engine import LLMEngine
+    from course_lib.engine.scheduler import Scheduler
+
+    prompts = _prompts(seed=31, lens=[40, 90, 7, 120, 33])
+    params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (20, 31, 12, 25, 17)]
+    lengths, real_burst, real_learn = [], Scheduler.burst_length, LLMEngine._learn
+
+    def burst_length(self, out, most):
+        lengths.append(real_burst(self, out, most))
+        return lengths[-1]
+
+    def learn(self, step):
+        torch.cuda.set_sync_debug_mode(0)          # the one intended wait: reading a step's tokens
+        try:
+            return real_learn(self, step)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+    monkeypatch.setattr(Scheduler, "burst_length", burst_length)
+    monkeypatch.setattr(LLMEngine, "_learn", learn)
+    got = {}
+    for burst in (1, 8):
+        llm = LLM(ckpt, device="cuda", dtype=dtype, max_num_batched_tokens=256, max_num_seqs=8, num_kv_blocks=256,
+                  enable_prefix_caching=False, decode_burst=burst)
+        llm.generate(prompts, params)                                       # warm: kernels, pinned memory
+        lengths.clear()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got[burst] = [o.token_ids for o in llm.generate(prompts, params)]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert max(lengths) == burst
+    assert got[1] == got[8]
+    assert EngineConfig(device="cuda").resolve(GPTConfig(**CONFIG)).decode_burst == 8   # the CUDA default
 
 
 # ---------------------------------------------------------------------- programmatic dependent launch

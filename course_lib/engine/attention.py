@@ -174,10 +174,15 @@ class TritonAttention:
         return kv_splits_for(meta.grid, num_heads, meta.block_m, multiprocessor_count(device), self.max_kv_splits)
 
     def extra_arrays(self, flat: FlatBatch, block_m: int | None = None) -> dict[str, np.ndarray]:
+        """The block tables and the tile table; the tile table is kept in ``flat.tiles`` (the steps
+        of a decode burst share it: batch.next_decode_batch)."""
         block_m = block_m or tile_rows_for(flat.num_tokens)
-        tile_seq, tile_row = build_tiles(flat.query_start.tolist(), flat.context_lens.tolist(), block_m)
-        return {"block_tables": flat.block_tables, "tile_seq": np.asarray(tile_seq, dtype=np.int64),
-                "tile_row": np.asarray(tile_row, dtype=np.int64), "num_tiles": np.array([len(tile_seq)])}
+        if block_m not in flat.tiles:
+            tile_seq, tile_row = build_tiles(flat.query_start.tolist(), flat.context_lens.tolist(), block_m)
+            flat.tiles[block_m] = {"tile_seq": np.asarray(tile_seq, dtype=np.int64),
+                                   "tile_row": np.asarray(tile_row, dtype=np.int64),
+                                   "num_tiles": np.array([len(tile_seq)])}
+        return {"block_tables": flat.block_tables, **flat.tiles[block_m]}
 
     def metadata(self, flat: FlatBatch | None, views: dict[str, torch.Tensor], dtype=None, block_size=None,
                  grid: int | None = None, block_m: int | None = None, padded: bool = False) -> TritonMetadata:

@@ -23,7 +23,7 @@ as tensors, the CUDA path copies them into a step graph's static buffers (step_g
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -49,6 +49,7 @@ class FlatBatch:
     logits_indices: np.ndarray      # (R,)
     num_single_rows: int            # requests 0..num_single_rows-1 have one new token each
     feed_rows: np.ndarray | None = None   # (N,) 0: id from input_ids; r + 1: the previous step's sampled row r
+    tiles: dict = field(default_factory=dict)   # the Triton path's tile table by tile rows, once built
 
     def __post_init__(self):
         if self.feed_rows is None:
@@ -106,3 +107,22 @@ def build_flat_batch(scheduled: list[ScheduledSeq], block_size: int) -> FlatBatc
                      context_lens=starts + qlens, block_tables=tables,
                      logits_indices=np.array(logit_rows, dtype=np.int64),  # (R,)
                      num_single_rows=num_single, feed_rows=np.array(feed, dtype=np.int64))
+
+
+def next_decode_batch(flat: FlatBatch, block_size: int) -> FlatBatch:
+    """The step after ``flat``, an all-decode batch (one row per request, each row its request's
+    logit row), when every row's next id is the token ``flat`` samples — still on the device
+    (a decode burst, engine.py): positions and lengths one further, each row fed from its own
+    logit row, the new slots from the same block tables (which must already hold them)."""
+    B = flat.num_seqs
+    assert flat.num_tokens == B == flat.num_single_rows, "a decode burst continues all-decode batches only"
+    positions = flat.positions + 1                                                   # (B,)
+    column = positions // block_size
+    assert int(column.max()) < flat.block_tables.shape[1], "the burst's blocks were not allocated"
+    slots = flat.block_tables[np.arange(B), column] * block_size + positions % block_size   # (B,)
+    return FlatBatch(seqs=flat.seqs, input_ids=np.zeros(B, dtype=np.int64), positions=positions,
+                     slot_mapping=slots, query_start=flat.query_start, context_lens=flat.context_lens + 1,
+                     block_tables=flat.block_tables, logits_indices=flat.logits_indices, num_single_rows=B,
+                     feed_rows=flat.logits_indices + 1,
+                     tiles=flat.tiles)     # one tile a request, and each request reads one key more: same order
+

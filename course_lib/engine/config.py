@@ -27,6 +27,9 @@ DEFAULT_DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 ATTENTION = ("torch", "triton")
 #: split-KV cap of the Triton path on CUDA when max_kv_splits is not given (attention_tiles.kv_splits_for)
 DEFAULT_MAX_KV_SPLITS = 32
+#: decode steps per scheduling of an all-decode greedy batch on CUDA when decode_burst is not given
+#: (engine.py): enough that the host's per-step work (~0.3 ms) hides behind 8 device steps
+DEFAULT_DECODE_BURST = 8
 
 
 def triton_available() -> bool:
@@ -82,6 +85,11 @@ class EngineConfig:
       n's tokens one step later (engine.py); ``None`` (the default) means on, except with tensor
       parallelism, whose worker ranks need every step's ids on the host. Off: the same loop with no
       lag. The tokens are the same either way.
+    * ``decode_burst``: a step whose rows are all greedy decodes, with nobody waiting, runs up to this
+      many decode steps from one scheduling (engine.py): the host lays out each next step by adding
+      1 to positions and lengths, and the device feeds each sampled token to the next step. Fewer
+      host calls per token; tokens reach the host (and a stream) in groups. 1 turns it off
+      (default: 8 on CUDA, 1 elsewhere and with tensor parallelism). The tokens are the same either way.
     """
 
     device: str | torch.device | None = None
@@ -102,6 +110,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     max_kv_splits: int | None = None
     async_scheduling: bool | None = None
+    decode_burst: int | None = None
 
     def __post_init__(self):
         _positive_int("block_size", self.block_size, optional=False)
@@ -110,6 +119,10 @@ class EngineConfig:
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive_int("max_num_seqs", self.max_num_seqs)
         _positive_int("max_kv_splits", self.max_kv_splits)
+        _positive_int("decode_burst", self.decode_burst)
+        if self.decode_burst not in (None, 1) and self.tensor_parallel_size > 1:
+            raise ConfigError(f"decode_burst={self.decode_burst} cannot be combined with tensor_parallel_size > 1 "
+                              "(the worker ranks run one scheduled step at a time); leave it None or set it 1")
         for name in ("enable_chunked_prefill", "enable_prefix_caching", "snapshot"):
             _flag(name, getattr(self, name))
         _flag("cuda_graphs", self.cuda_graphs, optional=True)
@@ -174,10 +187,12 @@ class EngineConfig:
         max_num_seqs = self.max_num_seqs or (256 if cuda else 64)
         budget = self.max_num_batched_tokens or max(8192 if cuda else 2048, model.n_positions)
         async_scheduling = self.tensor_parallel_size == 1 if self.async_scheduling is None else self.async_scheduling
+        decode_burst = self.decode_burst or (DEFAULT_DECODE_BURST if cuda and self.tensor_parallel_size == 1 else 1)
         return dataclasses.replace(self, device=device, dtype=dtype, attention=attention, cuda_graphs=cuda_graphs,
                                    fused_kernels=fused,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                                   max_kv_splits=max_kv_splits, async_scheduling=async_scheduling)
+                                   max_kv_splits=max_kv_splits, async_scheduling=async_scheduling,
+                                   decode_burst=decode_burst)
 
 
 def check_tensor_parallel(size: int, model: GPTConfig, device: torch.device) -> None:

@@ -10,6 +10,12 @@ Asynchronous scheduling (on by default): the host reads a step's tokens one call
 has issued the next step, whose decode rows take those tokens straight from the device. On a GPU
 the host's work for step n+1 (scheduling, the flat batch, the copy to the device) then overlaps
 the device's step n. The same loop with a lag of 0 reads each step's tokens in its own call.
+
+Decode bursts (``decode_burst``, 8 on CUDA): when every scheduled row is a greedy decode and nobody
+waits, one call issues up to that many decode steps back to back — each laid out from the one
+before by adding 1 to positions and lengths (batch.next_decode_batch), each row's id taken on the
+device from the step before — and the host learns their tokens together. The scheduler's, the flat
+batch's and the bookkeeping's host work is then paid once per burst instead of once per token.
 """
 
 from __future__ import annotations
@@ -25,13 +31,13 @@ import torch
 
 from ..errors import ConfigError
 from ..model import GPT
-from .batch import build_flat_batch
+from .batch import build_flat_batch, next_decode_batch
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .kv_cache import plan_num_blocks
 from .metrics import Ledger
 from .runner import build_runner
-from .sampler import HostSample, sample
+from .sampler import DeviceSample, HostSample, sample
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence, check_request
 from .snapshot import StepSnapshot, take_snapshot
@@ -66,6 +72,9 @@ class LLMEngine:
         self.num_steps = 0
         self.lag = 1 if config.async_scheduling else 0   # steps between issuing a step and reading its tokens
         self.in_flight: InFlightStep | None = None       # issued, its tokens not read yet
+        # decode steps one scheduling may run (1: every step is scheduled); never with snapshots, which
+        # record every step's own schedule
+        self.burst = 1 if config.snapshot else config.decode_burst
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes (nothing to do with one rank); later steps raise."""
@@ -111,7 +120,9 @@ class LLMEngine:
         same lines read step n's own tokens at the end of the call. Stops stay exact: a request that
         reaches ``max_tokens`` is known on the host and never scheduled again; one that samples
         an end-of-text or stop token is learnt a step late, and the token computed for it meanwhile
-        is discarded (never appended, never counted).
+        is discarded (never appended, never counted). A decode burst (``decode_burst``) is one such
+        step of several decode steps: it never runs past the ``max_tokens`` of any of its requests,
+        and the tokens a request samples after its stop token inside it are discarded the same way.
 
         A step either happens whole or leaves no trace: scheduling and the final bookkeeping are
         never cut in half by Ctrl-C (the interrupt is held until they are done), and any exception
@@ -124,7 +135,7 @@ class LLMEngine:
         if self.tp is not None:
             self.tp.check_usable()
         clock = StepClock(self.device)
-        sched, rng_states, previous = None, [], self.in_flight
+        sched, rng_states, previous, steps = None, [], self.in_flight, 1
         try:
             with deferred_interrupts():       # a Ctrl-C here is raised once scheduling is whole, then undone below
                 sched = self.scheduler.schedule()
@@ -133,17 +144,13 @@ class LLMEngine:
                         raise RuntimeError("the scheduler could not schedule any request; the KV pool or the "
                                            "token budget is smaller than one request needs")
                 else:
+                    steps = self.scheduler.burst_length(sched, self.burst)   # allocates the burst's blocks
                     flat = build_flat_batch(sched.scheduled, self.config.block_size)
                     logit_seqs = [s.seq for s in flat.seqs if s.needs_logits]
                     rng_states = [(seq, seq.generator.get_state()) for seq in logit_seqs
                                   if seq.generator is not None]
             if not sched.is_empty:
-                if self.tp is None:
-                    logits = self.runner.execute(flat)                      # (R, V)
-                else:                         # every rank runs the step: a Ctrl-C waits for its end
-                    with deferred_interrupts():
-                        logits = self.tp.execute(self.runner, flat)         # (R, V), from rank 0
-                sampled = sample(logits, logit_seqs)                        # on the device
+                flats, sampled = self._forward(flat, logit_seqs, steps)
         except BaseException:
             with deferred_interrupts():
                 if sched is not None:
@@ -158,7 +165,7 @@ class LLMEngine:
         with deferred_interrupts():
             issued = None
             if not sched.is_empty:
-                issued = self._issue(sched, flat, logit_seqs, sampled, clock)
+                issued = self._issue(sched, flats, logit_seqs, sampled, clock)
             if self.lag == 0:
                 learn, self.in_flight = issued, None
             else:
@@ -176,44 +183,66 @@ class LLMEngine:
             step, self.in_flight = self.in_flight, None
             self._learn(step)
 
-    def _issue(self, sched, flat, logit_seqs, sampled, clock) -> "InFlightStep":
+    def _forward(self, flat, logit_seqs, steps: int) -> tuple[list, DeviceSample]:
+        """Run the step (``steps`` > 1: a decode burst of that many steps, each laid out from the one
+        before) and sample, on the device; each step's tokens are kept there for the next one.
+        Returns the flat batches run and the sampled tokens, ``(steps * R,)`` step by step."""
+        flats, tokens = [flat], []
+        for i in range(steps):
+            if i:
+                flats.append(next_decode_batch(flats[-1], self.config.block_size))
+            if self.tp is None:
+                logits = self.runner.execute(flats[-1])                         # (R, V)
+            else:                             # every rank runs the step: a Ctrl-C waits for its end
+                with deferred_interrupts():
+                    logits = self.tp.execute(self.runner, flats[-1])            # (R, V), from rank 0
+            sampled = sample(logits, logit_seqs)                                # on the device
+            self.runner.keep_sampled(sampled.tokens)                            # the next step's decode ids
+            tokens.append(sampled.tokens)
+        if steps > 1:                         # a burst samples greedily, without log-probabilities
+            sampled = DeviceSample(torch.cat(tokens), [])                       # (steps * R,)
+        return flats, sampled
+
+    def _issue(self, sched, flats, logit_seqs, sampled, clock) -> "InFlightStep":
         """The step's forward and sampling are issued: advance its requests, mark their new tokens
-        in flight, retire the ones that reached ``max_tokens``, keep the tokens on the device for the
-        next step and start their copy to the host."""
+        in flight, retire the ones that reached ``max_tokens`` and start the tokens' copy to the host."""
         clock.stop()
-        self.scheduler.advance(sched)
+        steps = len(flats)
+        self.scheduler.advance(sched, steps)
         for row, seq in enumerate(logit_seqs):
-            seq.num_in_flight += 1
+            seq.num_in_flight += steps
             seq.feed_row = row
         retired = self.scheduler.retire_at_length(logit_seqs)
-        self.runner.keep_sampled(sampled.tokens)
         snapshot = None
         if self.snapshots is not None:
-            snapshot = take_snapshot(self.num_steps, sched, flat, self.block_manager, retired, [], 0.0,
+            snapshot = take_snapshot(self.num_steps, sched, flats[0], self.block_manager, retired, [], 0.0,
                                      self.scheduler.running)
             self.snapshots.append(snapshot)
-        self.num_steps += 1
-        return InFlightStep(flat, logit_seqs, sampled.copy_to_host(), clock, snapshot)
+        self.num_steps += steps
+        return InFlightStep(flats, logit_seqs, sampled.copy_to_host(), clock, snapshot)
 
     def _learn(self, step: "InFlightStep") -> list[tuple[Sequence, int]]:
         """Read an issued step's tokens (waiting for their copy), append them, apply the stop rules,
         record the step in the ledger (and its snapshot). A token of a request that finished or was
         aborted meanwhile is discarded."""
         tokens, logprobs = step.host.read()
-        step.tokens = tokens
+        R = len(step.logit_seqs)
+        step.tokens = tokens[len(tokens) - R:]   # the last step's: what fed the next step's decode rows
         now = time.perf_counter()
         learnt, finished = [], []
-        for seq, token, lp in zip(step.logit_seqs, tokens, logprobs):
-            seq.num_in_flight -= 1
-            if seq.is_finished:                  # stopped by its token of the step before, or aborted
-                continue
-            seq.append_token(token, now, lp)
-            learnt.append((seq, token))
-            if seq.is_finished:
-                finished.append(seq)
+        for i in range(0, len(tokens), max(R, 1)):   # a burst's steps in order (none: a chunk that samples nothing)
+            for seq, token, lp in zip(step.logit_seqs, tokens[i:i + R], logprobs[i:i + R]):
+                seq.num_in_flight -= 1
+                if seq.is_finished:              # stopped by an earlier token, or aborted
+                    continue
+                seq.append_token(token, now, lp)
+                learnt.append((seq, token))
+                if seq.is_finished:
+                    finished.append(seq)
         self.scheduler.drop_finished(finished)
         seconds = step.clock.seconds()
-        self.ledger.add(step.flat, seconds)
+        for flat in step.flats:                  # a burst's steps share its measured time equally
+            self.ledger.add(flat, seconds / len(step.flats))
         if step.snapshot is not None:
             step.snapshot.sampled = {seq.request_id: tok for seq, tok in learnt}
             step.snapshot.finished += [q.request_id for q in finished if q.request_id not in step.snapshot.finished
@@ -226,12 +255,16 @@ class LLMEngine:
 class InFlightStep:
     """A step issued to the device whose tokens the host has not read yet."""
 
-    flat: object                     # its FlatBatch (batch.py)
+    flats: list                      # its FlatBatch (batch.py); a decode burst's, one a step
     logit_seqs: list[Sequence]       # the sequences of its logit rows, in row order
     host: HostSample                 # the tokens on their way to the host
     clock: "StepClock"
     snapshot: StepSnapshot | None
-    tokens: list[int] | None = None  # once read
+    tokens: list[int] | None = None  # its (last step's) tokens, once read
+
+    @property
+    def flat(self):
+        return self.flats[0]
 
 
 class StepClock:

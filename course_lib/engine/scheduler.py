@@ -167,11 +167,37 @@ class Scheduler:
             budget -= n
         return out
 
-    def advance(self, out: SchedulerOutput) -> None:
-        """The step's forward has been issued: its tokens count as computed (their K/V are written
-        before any later step reads them: one device stream runs the steps in order)."""
+    def burst_length(self, out: SchedulerOutput, most: int) -> int:
+        """How many decode steps (at most ``most``) the scheduled step may run before the next
+        scheduling (a decode burst, engine.py): 1 unless every scheduled request is a greedy decode
+        without log-probabilities, nothing was preempted and nobody waits (a waiting request must
+        not wait for a burst to end); then as many as the request nearest its ``max_tokens`` may
+        still sample, and only if the pool holds every request's blocks for all of them — those
+        blocks are allocated here (the burst writes their K/V before any later step reads them)."""
+        if most <= 1 or out.preempted or self.waiting or not out.scheduled:
+            return 1
+        steps = most
         for s in out.scheduled:
-            s.seq.num_computed_tokens = s.start + s.num_new_tokens
+            seq, p = s.seq, s.seq.params
+            if not s.is_decode or not p.greedy or p.logprobs:
+                return 1
+            steps = min(steps, p.max_tokens - seq.num_output_tokens - seq.num_in_flight)
+        if steps <= 1:
+            return 1
+        bm = self.block_manager
+        need = sum(max(0, bm.blocks_needed(s.start + steps) - len(s.seq.block_table)) for s in out.scheduled)
+        if need > bm.num_free_blocks:
+            return 1
+        for s in out.scheduled:
+            assert bm.allocate(s.seq, steps), "counted free blocks ran out"
+        return steps
+
+    def advance(self, out: SchedulerOutput, steps: int = 1) -> None:
+        """The step's forward has been issued (``steps`` > 1: a decode burst of that many steps): its
+        tokens count as computed (their K/V are written before any later step reads them: one device
+        stream runs the steps in order)."""
+        for s in out.scheduled:
+            s.seq.num_computed_tokens = s.start + s.num_new_tokens + steps - 1
 
     def retire_at_length(self, seqs: list[Sequence]) -> list[Sequence]:
         """Of ``seqs`` (those that sampled in the step just issued), the ones whose new token is their

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .attention_tiles import max_tiles, tile_rows_for
-from .batch import COMMON_ARRAYS, FlatBatch
+from .batch import FlatBatch
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -177,8 +177,7 @@ class StepGraphs:
         runs it eagerly). The logits ``(R, V)`` are overwritten by the next replay."""
         for N, buf in self.buffers.items():
             if buf.fits(flat):
-                arrays = {**{n: flat.arrays()[n] for n in COMMON_ARRAYS},
-                          **self.runner.attention.extra_arrays(flat, block_m=buf.block_m)}
+                arrays = {**flat.arrays(), **self.runner.attention.extra_arrays(flat, block_m=buf.block_m)}
                 buf.load(arrays, self.staging)
                 graph, logits = self.graphs[N]
                 graph.replay()
