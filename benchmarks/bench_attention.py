@@ -307,6 +307,49 @@ def sweep(device, smoke):
         gc.collect()
 
 
+def decode_sweep(device, smoke, ctx=576, deadline_s=300):
+    """The bench_engine decode rows' attention calls (GPT-2 124M and XL heads, batches 1, 8, 32,
+    context ~576, padded to the engine's bucket): split count x key block x warps x stages, each
+    timed over enough layers that L2 does not hold the K/V, beside the engine's current choice."""
+    if smoke:
+        return
+    dtype, sms = torch.bfloat16, multiprocessor_count(device)
+    t0 = time.perf_counter()
+    log(f"\ndecode sweep, ctx {ctx}: per layer call, us (GB/s of the K/V a call must read)")
+    for H, name in ((12, "gpt2"), (25, "gpt2-xl")):
+        for B in (1, 8, 32):
+            step = decode_step(B, ctx, H, 64, device, dtype, 256 << 20)
+            auto = kv_splits_for(step.grid, H, step.block_m, sms, DEFAULT_MAX_KV_SPLITS)
+            rows = []
+            for S in (1, 2, 4, 8, 16, 32):
+                for block_n in (32, 64, 128):
+                    if S > 1 and -(-ctx // S) < block_n // 2:
+                        continue                      # chunks shorter than half a key block: mostly empty programs
+                    for warps in (2, 4):
+                        for stages in (1, 2, 3):
+                            if time.perf_counter() - t0 > deadline_s:
+                                break
+                            try:
+                                t = timed(step, device, reps=1, num_splits=S, block_n=block_n, num_warps=warps,
+                                          num_stages=stages)
+                            except Exception as e:  # noqa: BLE001
+                                log(f"  {name} B{B} S={S} bn={block_n} w={warps} st={stages}: {type(e).__name__}")
+                                continue
+                            rows.append({"model": name, "H": H, "B": B, "ctx": ctx, "num_splits": S,
+                                         "block_n": block_n, "num_warps": warps, "num_stages": stages, "s": t,
+                                         "gbps": step.kv_bytes() / t / 1e9, "engine_splits": auto})
+            t_auto = timed(step, device, reps=1, num_splits=auto)
+            RESULTS.setdefault("decode_sweep", []).extend(rows)
+            RESULTS.setdefault("decode_engine_choice", []).append(
+                {"model": name, "B": B, "ctx": ctx, "num_splits": auto, "s": t_auto})
+            best = sorted(rows, key=lambda r: r["s"])[:3]
+            log(f"  {name:8} B{B:<3} engine (S={auto}, defaults): {t_auto * 1e6:6.1f} us ({step.kv_bytes() / t_auto / 1e9:5.0f})"
+                + "".join(f" | {r['s'] * 1e6:6.1f} us S={r['num_splits']} bn={r['block_n']} w={r['num_warps']} "
+                          f"st={r['num_stages']}" for r in best))
+            del step
+            gc.collect()
+
+
 # ------------------------------------------------------------------ the engine
 def engine_timing(device, smoke):
     from course_lib.engine import LLM, SamplingParams
@@ -352,7 +395,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU through TRITON_INTERPRET=1)")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: correctness,kernel,sweep,engine")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: correctness,kernel,sweep,engine,decode_sweep")
     a = p.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -379,7 +422,8 @@ def main():
     parts = [("correctness", lambda: correctness(device, smoke)),
              ("kernel", lambda: kernel_timings(device, smoke, peak)),
              ("engine", lambda: engine_timing(device, smoke)),
-             ("sweep", lambda: sweep(device, smoke))]
+             ("sweep", lambda: sweep(device, smoke)),
+             ("decode_sweep", lambda: decode_sweep(device, smoke))]
     for name, fn in parts:
         if name in skip:
             continue

@@ -151,7 +151,14 @@ for mix, H, D, bs, dtype, splits, block_n in [
 ]:
     case(mix, H, D, bs, dtype, 16, splits, block_n)
 case([(1, 9), (5, 5), (40, 95)], 2, 32, 4, f32, 64, 3, 16)     # 64-row tiles split the same way
-case([(1, 45), (1, 120)], 2, 32, 4, f32, 16, 4, None)          # the default SPLIT_BLOCK_N
+case([(1, 45), (1, 120)], 2, 32, 4, f32, 16, 4, None)          # the default trip: 128 keys (a few decodes)
+case([(1, 300)], 2, 64, 16, bf16, 16, 4, None)                  # 300 keys: chunks of 128, 128, 44, one empty
+# the default trip: 128 keys for a few decodes (split or not) and for 128-row tiles; 64 for many
+# decodes, 64-row tiles, and heads wider than 128 bytes
+assert [tu.default_block_n(16, g, s, 128) for g, s in ((1, 22), (8, 3), (9, 2), (1, 1), (32, 1))] == \
+    [128, 128, 64, 128, 64]
+assert tu.default_block_n(128, 4, 1, 128) == 128 and tu.default_block_n(64, 40, 1, 128) == 64
+assert tu.default_block_n(16, 1, 22, 256) == 64 and tu.default_block_n(16, 1, 1, 256) == 64
 
 # the split path and the plain kernel agree with each other, not only with the reference
 torch.manual_seed(1)
@@ -169,7 +176,7 @@ import course_lib.engine.triton_unified as tu
 from course_lib.engine import LLM, SamplingParams
 from course_lib.tiny import load_tiny
 
-tu.SPLIT_BLOCK_N = 16          # short trips, so the tiny model's contexts of 20..80 keys span several chunks
+tu.SPLIT_BLOCK_N = tu.SPLIT_BLOCK_N_FEW = 16   # short trips: the tiny model's 20..80 keys span several chunks
 used = []
 plain = tu.unified_attention
 def counting(*a, num_splits=1, **k):

@@ -261,9 +261,26 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-#: keys per loop trip of the split-KV path: a chunk is at least this long, so short contexts use few
-#: splits and long ones all of them
+#: keys per loop trip of the split-KV path: a chunk is at least this long (a whole number of trips),
+#: so short contexts use few splits and long ones all of them; SPLIT_BLOCK_N_FEW for steps of at most
+#: FEW_TILES tiles (a few decodes), SPLIT_BLOCK_N for more
 SPLIT_BLOCK_N = 64
+SPLIT_BLOCK_N_FEW = 128
+#: a step of at most this many tiles is "a few decodes": its programs walk 128 keys a trip. On an
+#: H200 at context 576 (benchmarks/bench_attention.py, decode_sweep), per layer call: GPT-2 124M
+#: batch 1 8.5 us with 64-key chunks → 5.9 us with 128, batch 8 11.2 → 9.7 us; GPT-2 XL batch 1
+#: 8.4 → 7.2 us. With many tiles (GPT-2 XL batch 32, no split) 64-key trips win: 39.4 → 34.5 us
+FEW_TILES = 8
+
+
+def default_block_n(block_m: int, grid_tiles: int, num_splits: int, head_bytes: int) -> int:
+    """Keys per loop trip: 128 for 16-row tiles (decode-sized steps) of at most :data:`FEW_TILES`
+    tiles and for 128-row tiles (a few long prompts: half the trips), where K and V of heads up to
+    128 bytes keep shared memory small; else 64 (on the split path, the SPLIT_BLOCK_N constants)."""
+    few_decodes = block_m == 16 and grid_tiles <= FEW_TILES
+    if num_splits > 1:
+        return SPLIT_BLOCK_N_FEW if few_decodes and head_bytes <= 128 else SPLIT_BLOCK_N
+    return 128 if (few_decodes or block_m == 128) and head_bytes <= 128 else 64
 
 
 def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -279,10 +296,8 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     ``query_start`` (B + 1,). Per tile: ``tile_seq``, ``tile_row`` (from :func:`build_tiles`, built
     with the same ``block_m``); ``num_tiles`` (1,) live tiles; ``grid_tiles`` >= that, a fixed launch
     size. All device tensors, no host synchronisation: safe inside a CUDA graph. Rows not covered by
-    a tile (padding) are left as they are in ``out``. ``block_n``: keys per loop trip (default: 128
-    with 16- and 128-row tiles of 16-bit heads up to 64 wide — steps that are mostly decodes, where
-    fewer, longer trips wait less on memory, and steps of few long prompts — else 64;
-    :data:`SPLIT_BLOCK_N` when split).
+    a tile (padding) are left as they are in ``out``. ``block_n``: keys per loop trip (default:
+    :func:`default_block_n`).
 
     ``num_splits`` > 1: split-KV — each tile's keys in that many chunks, one program each, then a
     merge kernel. Its fp32 scratch ``(S, N, H, Dh + 2)`` is allocated here with a shape fixed by the
@@ -297,13 +312,8 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         out = torch.empty_like(q)
     fp32 = q.dtype == torch.float32
     pdl = pdl_enabled(q.device)
-    if block_n is None:   # 128-key trips for 16-row tiles (mostly decodes: fewer, longer trips wait less
-        # on memory) and 128-row tiles (few long prompts: half the trips), where K and V of 16-bit
-        # heads up to 64 wide keep shared memory small; else 64
-        if num_splits > 1:
-            block_n = SPLIT_BLOCK_N
-        else:
-            block_n = 128 if block_m in (16, 128) and Dh * q.element_size() <= 128 else 64
+    if block_n is None:
+        block_n = default_block_n(block_m, grid_tiles, num_splits, Dh * q.element_size())
     if num_splits > 1:
         part_ml = torch.empty(2, num_splits, N, H, dtype=torch.float32, device=q.device)       # m and l
         part_acc = torch.empty(num_splits, N, H, Dh, dtype=torch.float32, device=q.device)
