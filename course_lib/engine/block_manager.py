@@ -85,15 +85,18 @@ class BlockManager:
         tokens the host knows (a token still in flight on the device names its block at a later
         step's allocation, once it is known)."""
         bs = self.block_size
-        for b in range(len(seq.block_hashes), min(num_tokens, seq.num_tokens) // bs):
-            tokens = tuple(seq.token_ids[b * bs:(b + 1) * bs])
-            h = hash_block(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
-            seq.block_hashes.append(h)
-            block = self.blocks[seq.block_table[b]]
+        first, last = len(seq.block_hashes), min(num_tokens, seq.num_tokens) // bs
+        h = seq.block_hashes[-1] if seq.block_hashes else None
+        blocks, cached, named, hashes, table = self.blocks, self.cached, self.named_this_step, seq.block_hashes, seq.block_table
+        # the blocks' tokens as tuples of bs, cut in one pass (zip over one iterator, bs times)
+        for b, tokens in enumerate(zip(*[iter(seq.token_ids[first * bs:last * bs])] * bs), start=first):
+            h = hash_block(h, tokens)
+            hashes.append(h)
+            block = blocks[table[b]]
             if block.block_hash is None:
                 block.block_hash, block.token_ids = h, tokens
-                self.cached.setdefault(h, block.block_id)
-                self.named_this_step.append(block.block_id)
+                cached.setdefault(h, block.block_id)
+                named.append(block.block_id)
 
     # ------------------------------------------------------------------ allocate / free
     def allocate(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
@@ -120,15 +123,16 @@ class BlockManager:
                 del self.free[block_id]
             block.ref_count += 1
             seq.block_table.append(block_id)
+        free, blocks, cached, table = self.free, self.blocks, self.cached, seq.block_table
         for _ in range(new_blocks):
-            block_id, _ = self.free.popitem(last=False)
-            block = self.blocks[block_id]
+            block_id = free.popitem(last=False)[0]
+            block = blocks[block_id]
             if block.block_hash is not None:          # evict its old name
-                if self.cached.get(block.block_hash) == block_id:
-                    del self.cached[block.block_hash]
+                if cached.get(block.block_hash) == block_id:
+                    del cached[block.block_hash]
                 block.block_hash, block.token_ids = None, ()
             block.ref_count = 1
-            seq.block_table.append(block_id)
+            table.append(block_id)
         if self.enable_prefix_caching:
             self._cache_full_blocks(seq, num_tokens)
         return True
