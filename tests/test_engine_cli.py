@@ -121,3 +121,15 @@ def test_cli_async_scheduling_flag_reaches_the_config():
     add_engine_arguments(parser)
     got = {v: engine_config(parser.parse_args(["--async-scheduling", v])).async_scheduling for v in ("auto", "on", "off")}
     assert got == {"auto": None, "on": True, "off": False}
+
+
+def test_cli_decode_burst_flag_reaches_the_config():
+    import argparse
+
+    from course_lib.engine.__main__ import add_engine_arguments, engine_config
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert engine_config(parser.parse_args([])).decode_burst is None
+    assert engine_config(parser.parse_args(["--decode-burst", "4"])).decode_burst == 4
+

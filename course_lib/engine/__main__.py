@@ -77,6 +77,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="split-KV decode attention: key chunks per sequence and head (1: off; default 32 on CUDA)")
     g.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
                    help="prepare step n+1 while the device runs step n (auto: on, off with tensor parallelism)")
+    g.add_argument("--decode-burst", type=int, default=None,
+                   help="decode steps one scheduling may run when every row is a greedy decode and nobody "
+                        "waits (1: off; default 8 on CUDA, 1 on CPU)")
 
 
 def engine_config(args):
@@ -89,7 +92,8 @@ def engine_config(args):
                         enable_prefix_caching=args.enable_prefix_caching, attention=args.attention,
                         cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
                         tensor_parallel_size=args.tensor_parallel_size, max_kv_splits=args.max_kv_splits,
-                        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])
+                        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
+                        decode_burst=args.decode_burst)
 
 
 def cmd_generate(args) -> int:
