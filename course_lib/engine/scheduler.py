@@ -189,7 +189,8 @@ class Scheduler:
         if need > bm.num_free_blocks:
             return 1
         for s in out.scheduled:
-            assert bm.allocate(s.seq, steps), "counted free blocks ran out"
+            allocated = bm.allocate(s.seq, steps)
+            assert allocated, "counted free blocks ran out"
         return steps
 
     def advance(self, out: SchedulerOutput, steps: int = 1) -> None:
