@@ -192,6 +192,34 @@ def test_stop_strings_end_before_the_stop_string_and_free_blocks(client, server,
     assert r.choices[0].text == ref.tokenizer.decode(ids[:first])
 
 
+def test_stop_strings_inside_a_decode_burst_send_no_token_after_the_stop(client, ref):
+    """An engine with decode bursts of 8 learns several tokens of a request at once; the server
+    still ends the choice at the token that completes the stop string: the same text, token ids
+    and usage as the server whose engine learns one token a step."""
+    ids, text, _ = solo(ref, "def ", max_tokens=40, ignore_eos=True)
+    toks = ref.tokenizer.tokens(ids)
+    cut = sum(len(t) for t in toks[:5]) - 1                 # a stop string across the 5th/6th tokens' border
+    stop = text[cut:cut + 3]
+    want = None
+    with ServerThread(create_app(LLM("tiny", decode_burst=8), max_pending=8)) as burst_server:
+        burst = openai.OpenAI(base_url=burst_server.url + "/v1", api_key="-", max_retries=0, timeout=60)
+        for c in (client, burst):
+            for stream in (False, True):
+                r = c.completions.create(model="tiny", prompt="def ", max_tokens=40, temperature=0, stop=stop,
+                                         stream=stream, extra_body={"ignore_eos": True, "return_token_ids": True},
+                                         **({"stream_options": {"include_usage": True}} if stream else {}))
+                if stream:
+                    chunks = list(r)
+                    got = (*stream_ids(chunks), next(ch.usage for ch in chunks if ch.usage).completion_tokens)
+                else:
+                    got = (r.choices[0].token_ids, r.choices[0].text, r.choices[0].finish_reason,
+                           r.usage.completion_tokens)
+                want = want or got
+                assert got == want and got[1] == text[:text.find(stop)] and got[2] == "stop"
+                assert got[3] == len(got[0]) < len(ids) and got[0] == ids[:len(got[0])]
+    assert len(want[0]) >= 5
+
+
 def test_logprobs_equal_the_engines(client, ref):
     out = ref.generate("def ", SamplingParams(max_tokens=8, logprobs=3, ignore_eos=True))[0]
     r = client.completions.create(model="tiny", prompt="def ", max_tokens=8, temperature=0, logprobs=3,

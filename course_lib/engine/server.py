@@ -351,17 +351,26 @@ class EngineWorker:
             return None
         start = ch.num_sent
         new = seq.token_ids[seq.num_prompt_tokens + start:seq.num_prompt_tokens + n]
-        logprobs = seq.logprobs[start:n] if ch.params.logprobs else None
-        self._observe_latency(request_time=self._active[id(seq)].arrival, seq=seq, start=start, end=n)
-        ch.num_sent = n
         finish = seq.finish_reason if seq.is_finished else None
         text_ids = new
         if finish == "stop" and new:              # an end-of-text or stop_token_ids token: no text of its own
             text_ids = new[:-1]
-        if self.tokenizer is not None:
+        hit = -1
+        if self.tokenizer is not None and ch.stops:
+            # token by token: a decode burst (engine.py) brings several tokens at once, and none after
+            # the one that completes a stop string may be sent or counted
+            for k, token in enumerate(text_ids):
+                ch.text += self.tokenizer.decode([token])
+                hit = min((p for p in (ch.text.find(s, ch.num_emitted) for s in ch.stops) if p >= 0), default=-1)
+                if hit >= 0:
+                    new, n = new[:k + 1], start + k + 1
+                    break
+        elif self.tokenizer is not None:
             ch.text += self.tokenizer.decode(text_ids)
+        logprobs = seq.logprobs[start:n] if ch.params.logprobs else None
+        self._observe_latency(request_time=self._active[id(seq)].arrival, seq=seq, start=start, end=n)
+        ch.num_sent = n
         if ch.stops:
-            hit = min((p for p in (ch.text.find(s, ch.num_emitted) for s in ch.stops) if p >= 0), default=-1)
             if hit >= 0:
                 ch.text = ch.text[:hit]
                 finish = "stop"
