@@ -45,6 +45,19 @@ def test_tiles_cover_every_row_once_and_never_span_two_sequences():
             assert keys == sorted(keys, reverse=True)                         # heaviest tiles first
 
 
+def test_only_buckets_that_can_hold_padding_zero_the_attention_output():
+    """Rows past a step's live ones exist in every bucket but the one-token bucket, whose single row
+    every step that replays it fills: only there is the zero-fill of attention's output left out."""
+    from types import SimpleNamespace
+
+    from course_lib.engine.attention import TritonAttention
+    from course_lib.engine.step_graphs import StepGraphs
+
+    graphs = StepGraphs(SimpleNamespace(device="cpu", attention=TritonAttention(4)), 64, 8, 16)
+    padded = {N: graphs.static_batch(buf).attention.padded for N, buf in graphs.buffers.items()}
+    assert padded == {1: False, 2: True, 4: True, 8: True, 16: True, 32: True, 64: True}
+
+
 def test_token_buckets_and_static_buffers():
     assert token_buckets(1) == [1]
     assert token_buckets(300) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
@@ -191,7 +204,8 @@ class EagerGraph:
 
     def replay(self):
         replays.append(self.N)
-        assert self.batch.input_ids.shape[0] == self.N and self.batch.attention.padded
+        assert self.batch.input_ids.shape[0] == self.N
+        assert self.batch.attention.padded == (self.N > 1)    # the one-token bucket holds no padding
         runner.forward(self.batch, logits_out=self.out)
 
 for N, buf in graphs.buffers.items():
@@ -199,7 +213,7 @@ for N, buf in graphs.buffers.items():
     graphs.graphs[N] = (g, g.out)
 runner.step_graphs = graphs
 assert [o.token_ids for o in llm.generate(prompts, p)] == want
-assert set(replays) <= set(graphs.buffers) and len(set(replays)) >= 3, replays
+assert set(replays) <= set(graphs.buffers) and len(set(replays)) >= 3 and 1 in replays, replays
 assert max(replays) == 32                              # 24-token steps run padded in the 32 bucket
 assert llm.engine.kv_cache.pool[:, :, 0].abs().sum() > 0  # padded rows wrote to the null block...
 llm.engine.kv_cache.pool[:, :, 0] = float("nan")          # ...which no real row ever reads

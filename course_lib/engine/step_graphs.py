@@ -133,7 +133,10 @@ class StepGraphs:
         from .runner import DeviceBatch
 
         v = buf.views
-        meta = self.runner.attention.metadata(None, v, grid=buf.grid, block_m=buf.block_m, padded=True)
+        # a one-token bucket never holds padding (a step has at least one token, and that one row is
+        # live), so its attention output needs no zero-fill: one kernel less per layer at batch 1
+        meta = self.runner.attention.metadata(None, v, grid=buf.grid, block_m=buf.block_m,
+                                              padded=buf.num_tokens > 1)
         return DeviceBatch(v["input_ids"], v["positions"], v["slot_mapping"], v["logits_indices"], meta,
                            v["feed_rows"])
 
