@@ -57,3 +57,28 @@ def run_interpreted(script: str, marker: str, timeout: float = 400) -> str:
     assert r.returncode == 0, r.stdout + r.stderr
     assert marker in r.stdout, r.stdout
     return r.stdout
+
+
+def check_books(engine):
+    """The engine's blocks, references, free list, prefix-cache names and queues agree: every block
+    is held by exactly the running requests that list it, waiting and finishing requests hold none,
+    and every cached name points at a block of that name."""
+    from course_lib.engine.sequence import SequenceStatus
+
+    bm, sched = engine.block_manager, engine.scheduler
+    holders = {}
+    for seq in sched.running:
+        assert seq.status == SequenceStatus.RUNNING
+        assert len(seq.block_table) >= bm.blocks_needed(seq.num_computed_tokens)
+        for b in seq.block_table:
+            holders[b] = holders.get(b, 0) + 1
+    for seq in sched.waiting:
+        assert seq.status == SequenceStatus.WAITING and seq.block_table == [] and seq.num_computed_tokens == 0
+    for seq in sched.finishing:
+        assert seq.block_table == []
+    for block in bm.blocks[1:]:
+        assert block.ref_count == holders.get(block.block_id, 0), block
+        assert (block.ref_count == 0) == (block.block_id in bm.free)
+    for h, b in bm.cached.items():
+        assert bm.blocks[b].block_hash == h
+

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import random_model
+from conftest import check_books, random_model
 from course_lib import checkpoint
 from course_lib.config import GPTConfig
 from course_lib.engine import LLM, EngineConfig, SamplingParams
@@ -44,20 +44,6 @@ def run(async_on, prompts=PROMPTS, params=None, model=MODEL, **options):
     llm = LLM(model, **{**OPTIONS, **options}, async_scheduling=async_on, snapshot=True)
     outs = llm.generate(prompts, params or [greedy(n) for n in MAX_TOKENS])
     return llm, outs
-
-
-def check_books(engine):
-    """Every block held by exactly the running requests that list it; nothing held by others."""
-    bm, sched = engine.block_manager, engine.scheduler
-    holders = {}
-    for seq in sched.running:
-        for b in seq.block_table:
-            holders[b] = holders.get(b, 0) + 1
-    for seq in list(sched.waiting) + sched.finishing:
-        assert seq.block_table == []
-    for block in bm.blocks[1:]:
-        assert block.ref_count == holders.get(block.block_id, 0), block
-        assert (block.ref_count == 0) == (block.block_id in bm.free)
 
 
 # ---------------------------------------------------------------------- greedy parity

@@ -11,7 +11,7 @@ steps; streaming order is kept; a fault inside a burst leaves a state that finis
 import pytest
 import torch
 
-from conftest import random_model
+from conftest import check_books, random_model
 from course_lib import checkpoint
 from course_lib.config import GPTConfig
 from course_lib.engine import LLM, EngineConfig, SamplingParams
@@ -38,32 +38,19 @@ def greedy(n, **kw):
 @pytest.fixture
 def bursts(monkeypatch):
     """The length of every burst the scheduler grants (1: a plain step)."""
-    lengths, real = [], Scheduler.burst_length
+    lengths, real = [], Scheduler.reserve_burst
 
-    def burst_length(self, out, most):
+    def reserve_burst(self, out, most):
         n = real(self, out, most)
         lengths.append(n)
         return n
-    monkeypatch.setattr(Scheduler, "burst_length", burst_length)
+    monkeypatch.setattr(Scheduler, "reserve_burst", reserve_burst)
     return lengths
 
 
 def run(burst, prompts=PROMPTS, params=None, model=MODEL, **options):
     llm = LLM(model, **{**OPTIONS, **options}, decode_burst=burst)
     return llm, llm.generate(prompts, params or [greedy(n) for n in MAX_TOKENS])
-
-
-def check_books(engine):
-    """Every block held by exactly the running requests that list it; nothing held by others."""
-    holders = {}
-    for seq in engine.scheduler.running:
-        for b in seq.block_table:
-            holders[b] = holders.get(b, 0) + 1
-    for seq in list(engine.scheduler.waiting) + engine.scheduler.finishing:
-        assert seq.block_table == []
-    for block in engine.block_manager.blocks[1:]:
-        assert block.ref_count == holders.get(block.block_id, 0), block
-        assert (block.ref_count == 0) == (block.block_id in engine.block_manager.free)
 
 
 # ---------------------------------------------------------------------- greedy parity
@@ -115,7 +102,7 @@ def test_each_burst_step_is_the_batch_the_scheduler_would_lay_out():
         eng.step()
     sched = eng.scheduler.schedule()
     assert len(sched.scheduled) == len(PROMPTS) and all(s.is_decode for s in sched.scheduled)
-    assert eng.scheduler.burst_length(sched, 3) == 3     # allocates the blocks of three steps
+    assert eng.scheduler.reserve_burst(sched, 3) == 3     # allocates the blocks of three steps
     flat = build_flat_batch(sched.scheduled, 8)
     nxt = next_decode_batch(flat, 8)
     for s in sched.scheduled:                            # the same requests after the plain step

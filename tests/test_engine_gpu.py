@@ -362,9 +362,9 @@ def test_gpu_decode_bursts_give_the_tokens_of_single_steps_and_never_sync(ckpt, 
 
     prompts = _prompts(seed=31, lens=[40, 90, 7, 120, 33])
     params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (20, 31, 12, 25, 17)]
-    lengths, real_burst, real_learn = [], Scheduler.burst_length, LLMEngine._learn
+    lengths, real_burst, real_learn = [], Scheduler.reserve_burst, LLMEngine._learn
 
-    def burst_length(self, out, most):
+    def reserve_burst(self, out, most):
         lengths.append(real_burst(self, out, most))
         return lengths[-1]
 
@@ -374,7 +374,7 @@ def test_gpu_decode_bursts_give_the_tokens_of_single_steps_and_never_sync(ckpt, 
             return real_learn(self, step)
         finally:
             torch.cuda.set_sync_debug_mode("error")
-    monkeypatch.setattr(Scheduler, "burst_length", burst_length)
+    monkeypatch.setattr(Scheduler, "reserve_burst", reserve_burst)
     monkeypatch.setattr(LLMEngine, "_learn", learn)
     got = {}
     for burst in (1, 8):

@@ -13,13 +13,13 @@ import threading
 import pytest
 import torch
 
+from conftest import check_books
 from course_lib.engine import LLM, SamplingParams
 from course_lib.engine import engine as engine_module
 from course_lib.engine.attention import TorchAttention
 from course_lib.engine.block_manager import BlockManager
 from course_lib.engine.kv_cache import PagedKVCache
 from course_lib.engine.metrics import Ledger
-from course_lib.engine.sequence import SequenceStatus
 from course_lib.errors import ConfigError, InputError
 from course_lib.tiny import load_tiny
 
@@ -38,24 +38,6 @@ def reference():
 
 
 WANT, ALL_PROMPTS, ALL_PARAMS = reference()
-
-
-def check_books(engine):
-    """Blocks, references, free list, prefix-cache names and queues agree with each other."""
-    bm, sched = engine.block_manager, engine.scheduler
-    holders = {}
-    for seq in sched.running:
-        assert seq.status == SequenceStatus.RUNNING
-        assert len(seq.block_table) >= bm.blocks_needed(seq.num_computed_tokens)
-        for b in seq.block_table:
-            holders[b] = holders.get(b, 0) + 1
-    for seq in sched.waiting:
-        assert seq.status == SequenceStatus.WAITING and seq.block_table == [] and seq.num_computed_tokens == 0
-    for block in bm.blocks[1:]:
-        assert block.ref_count == holders.get(block.block_id, 0), block
-        assert (block.ref_count == 0) == (block.block_id in bm.free)
-    for h, b in bm.cached.items():
-        assert bm.blocks[b].block_hash == h
 
 
 class Fault(Exception):

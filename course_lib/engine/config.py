@@ -28,7 +28,8 @@ ATTENTION = ("torch", "triton")
 #: split-KV cap of the Triton path on CUDA when max_kv_splits is not given (attention_tiles.kv_splits_for)
 DEFAULT_MAX_KV_SPLITS = 32
 #: decode steps per scheduling of an all-decode greedy batch on CUDA when decode_burst is not given
-#: (engine.py): enough that the host's per-step work (~0.3 ms) hides behind 8 device steps
+#: (engine.py): the host then schedules once per 8 decode steps. On an H200 the decode steps were
+#: already bound by the device, and took the same time with bursts on and off (benchmarks/NOTES.md)
 DEFAULT_DECODE_BURST = 8
 
 

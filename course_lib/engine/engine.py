@@ -14,8 +14,9 @@ the device's step n. The same loop with a lag of 0 reads each step's tokens in i
 Decode bursts (``decode_burst``, 8 on CUDA): when every scheduled row is a greedy decode and nobody
 waits, one call issues up to that many decode steps back to back — each laid out from the one
 before by adding 1 to positions and lengths (batch.next_decode_batch), each row's id taken on the
-device from the step before — and the host learns their tokens together. The scheduler's, the flat
-batch's and the bookkeeping's host work is then paid once per burst instead of once per token.
+device from the step before — and the host learns their tokens together. Scheduling and the
+bookkeeping of learnt tokens are then paid once per burst; each further step costs the host only
+its layout (a few numpy operations), its buffer copy and its launch.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ class LLMEngine:
                         raise RuntimeError("the scheduler could not schedule any request; the KV pool or the "
                                            "token budget is smaller than one request needs")
                 else:
-                    steps = self.scheduler.burst_length(sched, self.burst)   # allocates the burst's blocks
+                    steps = self.scheduler.reserve_burst(sched, self.burst)   # allocates the burst's blocks
                     flat = build_flat_batch(sched.scheduled, self.config.block_size)
                     logit_seqs = [s.seq for s in flat.seqs if s.needs_logits]
                     rng_states = [(seq, seq.generator.get_state()) for seq in logit_seqs
@@ -172,7 +173,7 @@ class LLMEngine:
                 learn, self.in_flight = previous, issued
             learnt = self._learn(learn) if learn is not None else []
             if issued is not None and issued.snapshot is not None and self.lag and previous is not None:
-                fill_fed_ids(issued.snapshot, issued.flat, previous.tokens)
+                fill_fed_ids(issued.snapshot, issued.flats[0], previous.tokens)
             self._drain_if_idle()
         return learnt
 
@@ -261,10 +262,6 @@ class InFlightStep:
     clock: "StepClock"
     snapshot: StepSnapshot | None
     tokens: list[int] | None = None  # its (last step's) tokens, once read
-
-    @property
-    def flat(self):
-        return self.flats[0]
 
 
 class StepClock:

@@ -167,13 +167,14 @@ class Scheduler:
             budget -= n
         return out
 
-    def burst_length(self, out: SchedulerOutput, most: int) -> int:
-        """How many decode steps (at most ``most``) the scheduled step may run before the next
-        scheduling (a decode burst, engine.py): 1 unless every scheduled request is a greedy decode
-        without log-probabilities, nothing was preempted and nobody waits (a waiting request must
-        not wait for a burst to end); then as many as the request nearest its ``max_tokens`` may
-        still sample, and only if the pool holds every request's blocks for all of them — those
-        blocks are allocated here (the burst writes their K/V before any later step reads them)."""
+    def reserve_burst(self, out: SchedulerOutput, most: int) -> int:
+        """Reserve a decode burst for the scheduled step (engine.py): how many decode steps, at most
+        ``most``, it may run before the next scheduling. 1 unless every scheduled request is a
+        greedy decode without log-probabilities, nothing was preempted and nobody waits (a waiting
+        request must not wait for a burst to end); then as many as the request nearest its
+        ``max_tokens`` may still sample, and only if the pool holds every request's blocks for all
+        of them — those blocks are allocated here (the burst writes their K/V before any later step
+        reads them)."""
         if most <= 1 or out.preempted or self.waiting or not out.scheduled:
             return 1
         steps = most
