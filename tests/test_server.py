@@ -398,12 +398,22 @@ def test_bad_requests_through_the_client_then_it_keeps_serving(client, server, r
 
 def test_a_failed_engine_step_is_a_500_and_the_server_goes_on(client, server, ref):
     runner = server.app.state.llm.engine.runner
+    worker = server.app.state.worker
     real = runner.execute
-    calls = []
+    calls, later = [], {}
+
+    def ask_later():
+        later["text"] = client.completions.create(model="tiny", prompt="The ", max_tokens=5,
+                                                  temperature=0).choices[0].text
 
     def failing_once(flat):
         calls.append(1)
         if len(calls) == 1:
+            # a request that arrives while the step runs waits in the command queue; it was not in the
+            # failed step, so it must be served, not failed with it
+            later["thread"] = threading.Thread(target=ask_later)
+            later["thread"].start()
+            wait_for(lambda: worker._commands.qsize() > 0, what="the second request queued")
             raise RuntimeError("injected fault")
         return real(flat)
 
@@ -412,6 +422,8 @@ def test_a_failed_engine_step_is_a_500_and_the_server_goes_on(client, server, re
         with pytest.raises(openai.InternalServerError) as e:
             client.completions.create(model="tiny", prompt="def ", max_tokens=6, temperature=0)
         assert "injected fault" in e.value.message
+        later["thread"].join(30)
+        assert later.get("text") == solo(ref, "The ", max_tokens=5)[1], "the queued request was failed with the step"
         chunks = client.completions.create(model="tiny", prompt="def ", max_tokens=6, temperature=0, stream=True)
         assert stream_ids(chunks)[1] == solo(ref, "def ", max_tokens=6)[1]
     finally:

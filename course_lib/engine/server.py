@@ -329,7 +329,9 @@ class EngineWorker:
                 self.engine.step()
         except Exception as e:       # the step left no trace (engine.step is atomic); its requests cannot go on
             log.exception("an engine step failed")
-            self._fail_all(APIError(500, f"the engine step failed: {type(e).__name__}: {e}", "server_error"))
+            # only the requests the engine holds: those still queued were not in the step and go on
+            self._fail_all(APIError(500, f"the engine step failed: {type(e).__name__}: {e}", "server_error"),
+                           queued=False)
             return
         self.metrics.steps.inc()
         for request in list(dict.fromkeys(self._active.values())):
@@ -410,11 +412,13 @@ class EngineWorker:
         with self._pending_lock:
             self._pending -= len(request.choices)
 
-    def _fail_all(self, error: APIError) -> None:
+    def _fail_all(self, error: APIError, queued: bool = True) -> None:
+        """Abort and answer `error` to every request in the engine, and with `queued` to those waiting in
+        the command queue too (the worker is stopping: nobody will add them)."""
         for request in list(dict.fromkeys(self._active.values())):
             self._abort(request)
             self._send(request, error)
-        while True:                               # requests queued but never added
+        while queued:                             # requests queued but never added
             try:
                 kind, request = self._commands.get_nowait()
             except queue.Empty:
