@@ -43,6 +43,8 @@ def test_only_full_blocks_are_hashed_and_shared():
     bm = BlockManager(num_blocks=20, block_size=4)
     a = _seq(range(10))                                            # 2 full blocks + 2 tokens
     bm.allocate(a, 10)
+    assert a.block_hashes == []                                    # named once the step is issued
+    bm.name_pending()
     assert len(a.block_hashes) == 2
     assert bm.blocks[a.block_table[2]].block_hash is None          # the partial block has no name
     assert a.block_hashes[1] == hash_block(hash_block(None, range(4)), range(4, 8))
@@ -59,10 +61,36 @@ def test_only_full_blocks_are_hashed_and_shared():
     assert bm.find_cached_prefix(d) == []
 
 
+def test_names_wait_for_the_launch_but_a_lookup_that_needs_them_finds_them():
+    bm = BlockManager(num_blocks=30, block_size=4)
+    bm.begin_step()
+    a = _seq(range(12))
+    assert bm.allocate(a, 12)
+    other = _seq([50] * 9)                         # another first block: nothing of a can be a hit
+    assert bm.find_cached_prefix(other) == [] and a.block_hashes == [] and bm.cached == {}
+    assert bm.allocate(other, 9)
+    b = _seq(list(range(8)) + [70, 71, 72])        # a's first two blocks, allocated in the same step
+    assert bm.find_cached_prefix(b) == a.block_table[:2]
+    assert len(a.block_hashes) == 3 and len(other.block_hashes) == 2   # the lookup named the waiting blocks
+    # a sequence freed before its step is issued (preempted, aborted, a failed step) gets no names
+    c = _seq([60] * 8 + [1])
+    assert bm.allocate(c, 9)
+    bm.free_sequence(c)
+    bm.name_pending()
+    assert bm.find_cached_prefix(_seq([60] * 8 + [2])) == []
+    # a failed step's waiting names are forgotten too
+    d = _seq([61] * 8 + [1])
+    assert bm.allocate(d, 9)
+    bm.forget_step_names()
+    bm.name_pending()
+    assert d.block_hashes == [] and bm.find_cached_prefix(_seq([61] * 8 + [2])) == []
+
+
 def test_freed_named_blocks_stay_findable_until_reused():
     bm = BlockManager(num_blocks=4, block_size=2)
     a = _seq([1, 2, 3, 4, 5])
     bm.allocate(a, 5)
+    bm.name_pending()                                              # its step was issued
     bm.free_sequence(a)
     b = _seq([1, 2, 3, 4, 9])
     assert len(bm.find_cached_prefix(b)) == 2

@@ -128,11 +128,16 @@ def test_requests_caught_in_a_failed_step_resume_exactly(monkeypatch, stage, kin
     check_books(eng)
 
 
-def test_the_fault_injection_can_fail():
-    """Teeth: forgetting the prefix-cache names of a failed step is what keeps later answers exact."""
-    llm = LLM(MODEL, **OPTIONS)
+@pytest.mark.parametrize("broken", [False, True])
+def test_the_fault_injection_can_fail(broken):
+    """Teeth: forgetting the prefix-cache names of a failed step is what keeps later answers exact.
+    With a budget for both system-prompt requests in the first step, the second one's lookup names
+    the first one's blocks before the launch (block_manager.py); the fault comes before their K/V
+    are written."""
+    llm = LLM(MODEL, **{**OPTIONS, "max_num_batched_tokens": 96})
     bm = llm.engine.block_manager
-    bm.forget_step_names = lambda: None                   # the bug this file guards against
+    if broken:
+        bm.forget_step_names = lambda: None               # the bug this file guards against
     original = PagedKVCache.write
     calls = [0]
 
@@ -147,7 +152,7 @@ def test_the_fault_injection_can_fail():
             llm.generate(ALL_PROMPTS, ALL_PARAMS)
     finally:
         PagedKVCache.write = original
-    assert [o.token_ids for o in llm.generate(ALL_PROMPTS, ALL_PARAMS)] != WANT
+    assert ([o.token_ids for o in llm.generate(ALL_PROMPTS, ALL_PARAMS)] == WANT) != broken
 
 
 # ---------------------------------------------------------------------- several consumers

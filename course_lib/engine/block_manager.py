@@ -11,6 +11,12 @@ request whose first full blocks hash to names already in the table reuses those 
 reference count, instead of computing them again. Freed blocks keep their name until the
 free list hands them out again, oldest first, so a prompt that comes back soon still hits.
 
+Naming waits for the step's launch: ``allocate`` only notes which blocks will be full, and
+``name_pending`` (the engine calls it once the step's forward is issued, so on a GPU it runs
+beside the device) names them. A lookup never misses a name because of it: a later request of
+the same step can hit an earlier one's blocks only if their first blocks hold the same tokens,
+and then ``find_cached_prefix`` names the waiting blocks first.
+
 Block 0 is the *null block*: it is never given out; padded rows of a CUDA-graph batch write
 their throw-away K/V there. Introduced in notebooks/11_inside_an_engine.ipynb.
 """
@@ -18,6 +24,7 @@ their throw-away K/V there. Introduced in notebooks/11_inside_an_engine.ipynb.
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import islice
 from dataclasses import dataclass
 
 from .sequence import Sequence
@@ -52,6 +59,10 @@ class BlockManager:
         self.num_queried_tokens = 0           # prompt tokens looked up in the prefix cache
         self.num_hit_tokens = 0               # of those, found there
         self.named_this_step: list[int] = []  # blocks named since begin_step(): their K/V are not written yet
+        # blocks to name once the step is issued: id(seq) -> (seq, tokens with K/V after the step),
+        # and the first block's tokens of each such sequence (a superset, cleared when they are named)
+        self.pending: dict[int, tuple[Sequence, int]] = {}
+        self.pending_first_blocks: set[tuple[int, ...]] = set()
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -70,15 +81,37 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         bs = self.block_size
+        full = (seq.num_tokens - 1) // bs
+        if full and self.pending and tuple(seq.token_ids[:bs]) in self.pending_first_blocks:
+            self.name_pending()                   # it may share blocks allocated earlier in this step
         hits, h = [], None
-        for b in range((seq.num_tokens - 1) // bs):
-            tokens = tuple(seq.token_ids[b * bs:(b + 1) * bs])
+        for b, tokens in enumerate(zip(*[iter(seq.token_ids[:full * bs])] * bs)):
             h = hash_block(h, tokens)
             block_id = self.cached.get(h)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
             hits.append(block_id)
         return hits
+
+    def _note_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """``seq`` will hold K/V for ``num_tokens`` tokens once the step runs: its full blocks get
+        their names at :meth:`name_pending`."""
+        bs = self.block_size
+        if min(num_tokens, seq.num_tokens) // bs <= len(seq.block_hashes):
+            return                                 # no block fills up
+        key = id(seq)
+        if key in self.pending:
+            num_tokens = max(num_tokens, self.pending[key][1])
+        else:
+            self.pending_first_blocks.add(tuple(seq.token_ids[:bs]))
+        self.pending[key] = (seq, num_tokens)
+
+    def name_pending(self) -> None:
+        """Name the blocks that this step's allocations filled (see the module docstring)."""
+        for seq, num_tokens in self.pending.values():
+            self._cache_full_blocks(seq, num_tokens)
+        self.pending.clear()
+        self.pending_first_blocks.clear()
 
     def _cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Name every block of ``seq`` that is full once ``num_tokens`` tokens have K/V and whose
@@ -87,16 +120,16 @@ class BlockManager:
         bs = self.block_size
         first, last = len(seq.block_hashes), min(num_tokens, seq.num_tokens) // bs
         h = seq.block_hashes[-1] if seq.block_hashes else None
-        blocks, cached, named, hashes, table = self.blocks, self.cached, self.named_this_step, seq.block_hashes, seq.block_table
+        blocks, cached, named, hashes = self.blocks, self.cached, self.named_this_step, seq.block_hashes
         # the blocks' tokens as tuples of bs, cut in one pass (zip over one iterator, bs times)
-        for b, tokens in enumerate(zip(*[iter(seq.token_ids[first * bs:last * bs])] * bs), start=first):
+        for block_id, tokens in zip(seq.block_table[first:last], zip(*[iter(seq.token_ids[first * bs:last * bs])] * bs)):
             h = hash_block(h, tokens)
             hashes.append(h)
-            block = blocks[table[b]]
+            block = blocks[block_id]
             if block.block_hash is None:
                 block.block_hash, block.token_ids = h, tokens
-                cached.setdefault(h, block.block_id)
-                named.append(block.block_id)
+                cached.setdefault(h, block_id)
+                named.append(block_id)
 
     # ------------------------------------------------------------------ allocate / free
     def allocate(self, seq: Sequence, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
@@ -111,8 +144,8 @@ class BlockManager:
         num_tokens = seq.num_computed_tokens + len(cached_block_ids) * self.block_size + num_new_tokens
         new_blocks = self.blocks_needed(num_tokens) - len(seq.block_table) - len(cached_block_ids)
         if new_blocks <= 0 and not cached_block_ids:     # most decode steps: the last block has room
-            if self.enable_prefix_caching and min(num_tokens, seq.num_tokens) // self.block_size > len(seq.block_hashes):
-                self._cache_full_blocks(seq, num_tokens)
+            if self.enable_prefix_caching:
+                self._note_full_blocks(seq, num_tokens)
             return True
         revived = sum(1 for b in cached_block_ids if self.blocks[b].ref_count == 0)
         if max(new_blocks, 0) + revived > len(self.free):
@@ -123,26 +156,31 @@ class BlockManager:
                 del self.free[block_id]
             block.ref_count += 1
             seq.block_table.append(block_id)
-        free, blocks, cached, table = self.free, self.blocks, self.cached, seq.block_table
-        for _ in range(new_blocks):
-            block_id = free.popitem(last=False)[0]
-            block = blocks[block_id]
-            if block.block_hash is not None:          # evict its old name
-                if cached.get(block.block_hash) == block_id:
-                    del cached[block.block_hash]
-                block.block_hash, block.token_ids = None, ()
-            block.ref_count = 1
-            table.append(block_id)
+        if new_blocks > 0:
+            free, blocks, cached = self.free, self.blocks, self.cached
+            taken = list(islice(free, new_blocks))    # the front of the free list, oldest first
+            for block_id in taken:
+                del free[block_id]
+                block = blocks[block_id]
+                if block.block_hash is not None:      # evict its old name
+                    if cached.get(block.block_hash) == block_id:
+                        del cached[block.block_hash]
+                    block.block_hash, block.token_ids = None, ()
+                block.ref_count = 1
+            seq.block_table += taken
         if self.enable_prefix_caching:
-            self._cache_full_blocks(seq, num_tokens)
+            self._note_full_blocks(seq, num_tokens)
         return True
 
     def begin_step(self) -> None:
+        self.name_pending()                           # left from steps run by hand (the engine names at launch)
         self.named_this_step = []
 
     def forget_step_names(self) -> None:
         """A step failed before its K/V were all written: the blocks it named hold no valid K/V,
         so no later prompt may find them."""
+        self.pending.clear()                          # never named
+        self.pending_first_blocks.clear()
         for block_id in self.named_this_step:
             block = self.blocks[block_id]
             if block.block_hash is not None and self.cached.get(block.block_hash) == block_id:
@@ -151,7 +189,9 @@ class BlockManager:
         self.named_this_step = []
 
     def free_sequence(self, seq: Sequence) -> None:
-        """Give back the sequence's blocks. Named blocks stay findable until reused."""
+        """Give back the sequence's blocks. Named blocks stay findable until reused; blocks waiting
+        for a name (:meth:`name_pending`) get none."""
+        self.pending.pop(id(seq), None)
         for block_id in reversed(seq.block_table):    # the tail is evicted before the head
             block = self.blocks[block_id]
             block.ref_count -= 1

@@ -208,6 +208,7 @@ class LLMEngine:
         """The step's forward and sampling are issued: advance its requests, mark their new tokens
         in flight, retire the ones that reached ``max_tokens`` and start the tokens' copy to the host."""
         clock.stop()
+        self.block_manager.name_pending()     # the prefix-cache names of the blocks it fills: beside the device
         steps = len(flats)
         self.scheduler.advance(sched, steps)
         for row, seq in enumerate(logit_seqs):
