@@ -35,6 +35,10 @@ def _still_serves(llm, expected):
     ([1, 101, 2], "token id 101 is out of range"),
     ([1, -1], "token id -1 is out of range"),
     ([1.5, 2], "list of integer token ids"),
+    ([True, False], "list of integer token ids"),          # bools are not token ids, alone or mixed in
+    ([5, 7, True], "list of integer token ids"),
+    ([3, [4]], "list of integer token ids"),
+    ([2 ** 70, 1], "token id 1180591620717411303424 is out of range"),
     ("some text", "no tokenizer"),
 ])
 def test_bad_prompts(llm, expected, prompt, message):

@@ -1,5 +1,6 @@
 """The engine's parts one at a time: block manager, scheduler, KV pool, ledger, sampler, snapshots."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -363,3 +364,38 @@ def test_torch_attention_equals_an_explicit_softmax_on_a_mixed_step():
         weights = scores.masked_fill(torch.arange(S)[None, :] > pos, float("-inf")).softmax(-1)
         want = torch.einsum("hns,shd->nhd", weights, values)
         assert torch.allclose(got[a:b], want, atol=1e-5), f"request {i} ({plan[i]})"
+
+
+def test_flat_batch_ids_from_prompt_arrays_and_output_lists():
+    """A step's ids come from each prompt's array and each output list: random requests whose new
+    tokens lie in the prompt (a prefill chunk), in the outputs (decode), across both (recomputed
+    after preemption), with the last one still on the device; checked against the tokens one by one."""
+    import random
+
+    from course_lib.engine.batch import build_flat_batch
+    from course_lib.engine.scheduler import ScheduledSeq
+
+    rng = random.Random(0)
+    for trial in range(200):
+        scheduled, want = [], []
+        for _ in range(rng.randint(1, 6)):
+            prompt = [rng.randrange(100) for _ in range(rng.randint(1, 12))]
+            s = _seq(prompt, max_tokens=20)
+            s.token_ids += [rng.randrange(100) for _ in range(rng.randint(0, 6))]
+            in_flight = bool(s.num_output_tokens) and rng.random() < 0.4
+            if in_flight:
+                s.num_in_flight, s.feed_row = 1, rng.randrange(8)
+            total = s.num_tokens + in_flight
+            start = rng.randrange(total)
+            n = rng.randint(1, total - start)
+            s.block_table = list(range(1, 1 + -(-(start + n) // 4)))
+            scheduled.append(ScheduledSeq(s, n, start))
+        flat = build_flat_batch(scheduled, 4)
+        for i, q in enumerate(flat.seqs):
+            a, b = flat.query_start[i], flat.query_start[i + 1]
+            known = q.seq.token_ids[q.start:q.start + q.num_new_tokens]
+            ids = known + [0] * (q.num_new_tokens - len(known))
+            feeds = [0] * len(known) + [q.seq.feed_row + 1] * (q.num_new_tokens - len(known))
+            assert flat.input_ids[a:b].tolist() == ids, (trial, i)
+            assert flat.feed_rows[a:b].tolist() == feeds, (trial, i)
+        assert flat.input_ids.flags.writeable and flat.input_ids.dtype == np.int64

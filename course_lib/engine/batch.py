@@ -75,17 +75,26 @@ def build_flat_batch(scheduled: list[ScheduledSeq], block_size: int) -> FlatBatc
     seqs = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)          # single rows first (stable)
     # one pass over the requests collects Python lists; each array is then made in one conversion
     # (a numpy assignment per request costs microseconds, and a decode step has a request a row)
-    ids, fed_rows, fed_from, qlens, starts, tables, logit_rows = [], [], [], [], [], [], []
+    # the ids: prompt tokens as slices of each prompt's array, the others (decode rows: a request's
+    # outputs) gathered in a list of ints; `pieces` holds both kinds in row order
+    pieces, ids, fed_rows, fed_from, qlens, starts, tables, logit_rows = [], [], [], [], [], [], [], []
     row = 0
     for s in seqs:
-        n = s.num_new_tokens
-        known = s.seq.token_ids[s.start:s.start + n]
+        n, start, seq = s.num_new_tokens, s.start, s.seq
+        prompt_end = min(start + n, len(seq.prompt_array))
+        if start < prompt_end:                     # prompt tokens (a prefill, or its chunk)
+            if ids:
+                pieces.append(ids)
+                ids = []
+            pieces.append(seq.prompt_array[start:prompt_end])
+            start = prompt_end
+        known = seq.token_ids[start:s.start + n]
         ids += known
-        if len(known) < n:                         # its last new token is still on the device
-            assert len(known) == n - 1 and s.seq.feed_row >= 0, "only the last token can be in flight"
+        if start + len(known) < s.start + n:       # its last new token is still on the device
+            assert start + len(known) == s.start + n - 1 and seq.feed_row >= 0, "only the last token can be in flight"
             ids.append(0)
             fed_rows.append(row + n - 1)
-            fed_from.append(s.seq.feed_row + 1)
+            fed_from.append(seq.feed_row + 1)
         row += n
         if s.needs_logits:
             logit_rows.append(row - 1)
@@ -96,7 +105,13 @@ def build_flat_batch(scheduled: list[ScheduledSeq], block_size: int) -> FlatBatc
     starts = np.array(starts, dtype=np.int64)                               # (B,) cached before the step
     query_start = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum(qlens, out=query_start[1:])                                   # (B + 1,)
-    ids = np.fromiter(ids, dtype=np.int64, count=len(ids))                  # (N,) twice as fast as np.array
+    if ids or not pieces:
+        pieces.append(ids)
+    # (N,); a list piece through np.fromiter: twice as fast as np.array
+    pieces = [p if isinstance(p, np.ndarray) else np.fromiter(p, dtype=np.int64, count=len(p)) for p in pieces]
+    ids = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    if not ids.flags.writeable:                # one prompt's own array: the batch gets a copy
+        ids = ids.copy()
     feed = np.zeros(len(ids), dtype=np.int64)                               # (N,) mostly the host's ids
     feed[fed_rows] = fed_from
     seq_of_row = np.repeat(np.arange(len(seqs)), qlens)                     # (N,)

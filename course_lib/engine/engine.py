@@ -40,7 +40,7 @@ from .metrics import Ledger
 from .runner import build_runner
 from .sampler import DeviceSample, HostSample, sample
 from .scheduler import Scheduler
-from .sequence import SamplingParams, Sequence, check_request
+from .sequence import CheckedPrompt, SamplingParams, Sequence, check_request
 from .snapshot import StepSnapshot, take_snapshot
 
 
@@ -83,8 +83,8 @@ class LLMEngine:
             self.tp.shutdown()
 
     # ------------------------------------------------------------------ requests
-    def check_request(self, prompt_token_ids, params: SamplingParams) -> list[int]:
-        """The prompt as a list of ids, or :class:`~course_lib.errors.InputError` saying why it cannot be served."""
+    def check_request(self, prompt_token_ids, params: SamplingParams) -> CheckedPrompt:
+        """The prompt's ids, or :class:`~course_lib.errors.InputError` saying why it cannot be served."""
         return check_request(prompt_token_ids, params, self.model_config, self.config, self.num_kv_blocks)
 
     def add_request(self, prompt_token_ids, params: SamplingParams | None = None,
@@ -92,9 +92,10 @@ class LLMEngine:
         params = params or SamplingParams()
         return self.enqueue(self.check_request(prompt_token_ids, params), params, request_id)
 
-    def enqueue(self, ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
-        """Queue a request that :meth:`check_request` has already accepted."""
-        seq = Sequence(ids, params, eos_token_id=self.model_config.eos_token_id, request_id=request_id or "")
+    def enqueue(self, prompt: CheckedPrompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
+        """Queue a request whose prompt :meth:`check_request` has already accepted."""
+        seq = Sequence(prompt.ids, params, eos_token_id=self.model_config.eos_token_id, request_id=request_id or "",
+                       prompt_array=prompt.array)
         if params.seed is not None:      # the request's own random stream: independent of its batch
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self.scheduler.add(seq)

@@ -29,7 +29,7 @@ from ..tokenizer import Tokenizer, normalize
 from .config import EngineConfig
 from .engine import LLMEngine
 from .metrics import RequestMetrics, request_metrics
-from .sequence import SamplingParams, Sequence
+from .sequence import CheckedPrompt, SamplingParams, Sequence
 
 
 def load_model(model, device: torch.device, dtype: torch.dtype) -> tuple[GPT, Tokenizer | None]:
@@ -162,7 +162,7 @@ class LLM:
             self._longest_token = max(len(t) for t in vocab)
         return -(-len(normalize(text)) // self._longest_token)
 
-    def _requests(self, prompts, sampling_params) -> list[tuple[list[int], SamplingParams]]:
+    def _requests(self, prompts, sampling_params) -> list[tuple[CheckedPrompt, SamplingParams]]:
         if isinstance(prompts, (str, torch.Tensor)) or (
                 isinstance(prompts, (list, tuple)) and prompts and not isinstance(prompts[0], (str, list, tuple))):
             prompts = [prompts]                         # one prompt: text or a flat list of ids

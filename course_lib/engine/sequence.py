@@ -1,4 +1,5 @@
-"""Requests and their state: :class:`SamplingParams`, :class:`Sequence`, and :func:`check_request`.
+"""Requests and their state: :class:`SamplingParams`, :class:`Sequence`, and :func:`check_request`
+(which hands back a :class:`CheckedPrompt`).
 
 A sequence carries everything the engine knows about one request: the prompt, the tokens
 generated so far, how many of those tokens already have K/V in the paged cache
@@ -12,6 +13,7 @@ Introduced in notebooks/11_inside_an_engine.ipynb.
 
 from __future__ import annotations
 
+import array
 import enum
 import itertools
 import math
@@ -122,11 +124,19 @@ class Sequence:
     logprobs: list[dict[int, float]] = field(default_factory=list)   # per output token, when asked
     finish_time: float | None = None
 
+    # the prompt as an int64 array (P,), read-only: the flat batch copies prompt ids from it
+    # without a Python loop (check_request made it; built here for a Sequence made by hand)
+    prompt_array: np.ndarray | None = field(default=None, repr=False)
+
     def __post_init__(self):
         self.seq_id = next(_ids)
         if not self.request_id:
             self.request_id = str(self.seq_id)
         self.token_ids = list(self.prompt_token_ids)
+        if self.prompt_array is None:
+            self.prompt_array = np.fromiter(self.prompt_token_ids, dtype=np.int64, count=len(self.prompt_token_ids))
+            self.prompt_array.flags.writeable = False
+        assert len(self.prompt_array) == len(self.prompt_token_ids), "prompt_array is not this prompt"
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -182,11 +192,23 @@ class Sequence:
         self.finish_time = now
 
 
+@dataclass(frozen=True, eq=False)
+class CheckedPrompt:
+    """A prompt that :func:`check_request` accepted: its ids as a list, and as the int64 array (P,)
+    the check made of them (kept, so that no later step converts the list again)."""
+
+    ids: list[int]
+    array: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 def check_request(prompt_token_ids, params: SamplingParams, model: GPTConfig, engine_config,
-                  num_kv_blocks: int) -> list[int]:
-    """The prompt as a list of ids, or :class:`InputError` saying why the engine cannot serve it:
-    ids outside the vocabulary, more tokens than the context, a request larger than the KV pool
-    or (chunked prefill off) than one step's token budget."""
+                  num_kv_blocks: int) -> CheckedPrompt:
+    """The prompt's ids (:class:`CheckedPrompt`), or :class:`InputError` saying why the engine
+    cannot serve it: ids outside the vocabulary, more tokens than the context, a request larger than
+    the KV pool or (chunked prefill off) than one step's token budget."""
     if not isinstance(params, SamplingParams):
         raise InputError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
     params.validate()
@@ -196,17 +218,21 @@ def check_request(prompt_token_ids, params: SamplingParams, model: GPTConfig, en
         raise InputError("a prompt must be a string or a list of integer token ids")
     if not prompt_token_ids:
         raise InputError("the prompt is empty; give at least one token")
-    try:                                    # one vectorised check: thousands of ids in microseconds
-        arr = np.asarray(prompt_token_ids)
-    except (ValueError, OverflowError):
-        arr = None
-    if arr is not None and arr.dtype == object and arr.ndim == 1 and all(
-            isinstance(i, int) and not isinstance(i, bool) for i in prompt_token_ids):   # beyond 64 bits
-        big = max(prompt_token_ids, key=abs)
-        raise InputError(f"token id {big} is out of range: this model's vocabulary has ids 0..{model.vocab_size - 1}")
-    if arr is None or arr.ndim != 1 or arr.dtype.kind not in "iu":   # bools, floats, strings, nesting
-        raise InputError("a prompt must be a string or a list of integer token ids")
-    ids = arr.tolist()
+    integers = "a prompt must be a string or a list of integer token ids"
+    try:        # one C loop: array('q') takes ints (and numpy integers), refuses floats, strings, nesting
+        packed = array.array("q", prompt_token_ids)
+    except OverflowError:                   # an int beyond 64 bits
+        if all(isinstance(i, int) and not isinstance(i, bool) for i in prompt_token_ids):
+            big = max(prompt_token_ids, key=abs)
+            raise InputError(f"token id {big} is out of range: this model's vocabulary has ids "
+                             f"0..{model.vocab_size - 1}") from None
+        raise InputError(integers) from None
+    except TypeError:
+        raise InputError(integers) from None
+    arr = np.frombuffer(packed, dtype=np.int64)                      # (P,) the same memory
+    if int(arr.min()) <= 1 and any(isinstance(i, (bool, np.bool_)) for i in prompt_token_ids):
+        raise InputError(integers)          # True and False pack as 1 and 0: look only when those occur
+    ids = packed.tolist()
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi >= model.vocab_size:
         raise InputError(f"token id {lo if lo < 0 else hi} is out of range: this model's vocabulary has ids "
@@ -234,4 +260,5 @@ def check_request(prompt_token_ids, params: SamplingParams, model: GPTConfig, en
         raise InputError(f"with chunked prefill off a request must fit in one step: it needs "
                          f"{need_tokens} tokens but max_num_batched_tokens={engine_config.max_num_batched_tokens}; "
                          "raise the budget or turn chunked prefill on")
-    return ids
+    arr.flags.writeable = False
+    return CheckedPrompt(ids, arr)

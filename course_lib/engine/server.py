@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import CourseError
-from .sequence import SamplingParams, Sequence
+from .sequence import CheckedPrompt, SamplingParams, Sequence
 
 log = logging.getLogger("course_lib.engine.server")
 
@@ -145,7 +145,7 @@ class Choice:
     """One prompt of a request and what has been sent of its output (read and written by the worker)."""
 
     index: int
-    prompt_token_ids: list[int]
+    prompt: CheckedPrompt
     params: SamplingParams
     stops: tuple[str, ...] = ()
     seq: Sequence | None = None
@@ -308,9 +308,9 @@ class EngineWorker:
     def _add(self, request: ServerRequest) -> None:
         with self._step_lock:
             for ch in request.choices:
-                ch.seq = self.engine.enqueue(ch.prompt_token_ids, ch.params, f"{request.request_id}-{ch.index}")
+                ch.seq = self.engine.enqueue(ch.prompt, ch.params, f"{request.request_id}-{ch.index}")
                 self._active[id(ch.seq)] = request
-        self.metrics.prompt_tokens.inc(sum(len(ch.prompt_token_ids) for ch in request.choices))
+        self.metrics.prompt_tokens.inc(sum(len(ch.prompt) for ch in request.choices))
 
     def _abort(self, request: ServerRequest) -> None:
         if request.finished:
@@ -656,9 +656,9 @@ def create_app(llm, model_name: str = "tiny", max_pending: int = 256, retry_afte
             if k is not None:
                 body["logprobs"] = logprobs_body(llm, ids, [e for d in ds for e in d.logprobs], k, 0)
             if req.return_token_ids:
-                body["prompt_token_ids"], body["token_ids"] = ch.prompt_token_ids, ids
+                body["prompt_token_ids"], body["token_ids"] = ch.prompt.ids, ids
             out.append(body)
-        prompt_tokens = sum(len(ch.prompt_token_ids) for ch in choices)
+        prompt_tokens = sum(len(ch.prompt) for ch in choices)
         completion_tokens = sum(ch.num_sent for ch in choices)
         return {**head, "choices": out, "usage": _usage(prompt_tokens, completion_tokens)}
 
@@ -685,7 +685,7 @@ def create_app(llm, model_name: str = "tiny", max_pending: int = 256, retry_afte
                         open_choices.discard(d.index)
                     yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
             if include_usage:
-                prompt_tokens = sum(len(ch.prompt_token_ids) for ch in sreq.choices)
+                prompt_tokens = sum(len(ch.prompt) for ch in sreq.choices)
                 usage = _usage(prompt_tokens, sum(ch.num_sent for ch in sreq.choices))
                 yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
