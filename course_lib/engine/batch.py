@@ -75,26 +75,28 @@ def build_flat_batch(scheduled: list[ScheduledSeq], block_size: int) -> FlatBatc
     seqs = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)          # single rows first (stable)
     # one pass over the requests collects Python lists; each array is then made in one conversion
     # (a numpy assignment per request costs microseconds, and a decode step has a request a row)
-    # the ids: prompt tokens as slices of each prompt's array, the others (decode rows: a request's
-    # outputs) gathered in a list of ints; `pieces` holds both kinds in row order
+    # the ids: prompt tokens as slices of each prompt's array; the others (decode rows: a request's
+    # outputs) gathered in a list of ints, made an array before the next prompt slice (`pieces`)
     pieces, ids, fed_rows, fed_from, qlens, starts, tables, logit_rows = [], [], [], [], [], [], [], []
     row = 0
     for s in seqs:
-        n, start, seq = s.num_new_tokens, s.start, s.seq
-        prompt_end = min(start + n, len(seq.prompt_array))
-        if start < prompt_end:                     # prompt tokens (a prefill, or its chunk)
+        n, seq = s.num_new_tokens, s.seq
+        start, end = s.start, s.start + n
+        prompt = seq.prompt_array
+        if start < len(prompt):                    # prompt tokens (a prefill, or its chunk)
             if ids:
-                pieces.append(ids)
+                pieces.append(np.fromiter(ids, dtype=np.int64, count=len(ids)))
                 ids = []
-            pieces.append(seq.prompt_array[start:prompt_end])
-            start = prompt_end
-        known = seq.token_ids[start:s.start + n]
-        ids += known
-        if start + len(known) < s.start + n:       # its last new token is still on the device
-            assert start + len(known) == s.start + n - 1 and seq.feed_row >= 0, "only the last token can be in flight"
-            ids.append(0)
-            fed_rows.append(row + n - 1)
-            fed_from.append(seq.feed_row + 1)
+            pieces.append(prompt[start:end])
+            start = len(prompt)
+        if start < end:                            # tokens past the prompt (decode rows)
+            known = seq.token_ids[start:end]
+            ids += known
+            if start + len(known) < end:           # its last new token is still on the device
+                assert start + len(known) == end - 1 and seq.feed_row >= 0, "only the last token can be in flight"
+                ids.append(0)
+                fed_rows.append(row + n - 1)
+                fed_from.append(seq.feed_row + 1)
         row += n
         if s.needs_logits:
             logit_rows.append(row - 1)
@@ -105,19 +107,19 @@ def build_flat_batch(scheduled: list[ScheduledSeq], block_size: int) -> FlatBatc
     starts = np.array(starts, dtype=np.int64)                               # (B,) cached before the step
     query_start = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum(qlens, out=query_start[1:])                                   # (B + 1,)
-    if ids or not pieces:
-        pieces.append(ids)
-    # (N,); a list piece through np.fromiter: twice as fast as np.array
-    pieces = [p if isinstance(p, np.ndarray) else np.fromiter(p, dtype=np.int64, count=len(p)) for p in pieces]
-    ids = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-    if not ids.flags.writeable:                # one prompt's own array: the batch gets a copy
-        ids = ids.copy()
+    ids = np.fromiter(ids, dtype=np.int64, count=len(ids))                  # (N,) twice as fast as np.array
+    if pieces:                                 # a copy: the batch never shares a prompt's array
+        ids = np.concatenate(pieces + [ids])
     feed = np.zeros(len(ids), dtype=np.int64)                               # (N,) mostly the host's ids
     feed[fed_rows] = fed_from
     seq_of_row = np.repeat(np.arange(len(seqs)), qlens)                     # (N,)
     positions = starts[seq_of_row] + np.arange(len(ids)) - query_start[seq_of_row]   # (N,)
-    width = max(len(t) for t in tables)
-    tables = np.array([t + [NULL_BLOCK] * (width - len(t)) for t in tables], dtype=np.int64)   # (B, M)
+    width = max(map(len, tables))                 # the block tables padded with the null block, in one list
+    padded = []
+    for t in tables:
+        padded += t
+        padded += [NULL_BLOCK] * (width - len(t))
+    tables = np.fromiter(padded, dtype=np.int64, count=len(padded)).reshape(len(seqs), width)   # (B, M)
     slots = tables[seq_of_row, positions // block_size] * block_size + positions % block_size   # (N,)
     num_single = next((i for i, n in enumerate(qlens.tolist()) if n != 1), len(seqs))
     return FlatBatch(seqs=seqs, input_ids=ids, positions=positions, slot_mapping=slots, query_start=query_start,

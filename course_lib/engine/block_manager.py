@@ -144,8 +144,8 @@ class BlockManager:
         num_tokens = seq.num_computed_tokens + len(cached_block_ids) * self.block_size + num_new_tokens
         new_blocks = self.blocks_needed(num_tokens) - len(seq.block_table) - len(cached_block_ids)
         if new_blocks <= 0 and not cached_block_ids:     # most decode steps: the last block has room
-            if self.enable_prefix_caching:
-                self._note_full_blocks(seq, num_tokens)
+            if self.enable_prefix_caching and min(num_tokens, seq.num_tokens) // self.block_size > len(seq.block_hashes):
+                self._note_full_blocks(seq, num_tokens)      # (the test, inlined: this runs per request per step)
             return True
         revived = sum(1 for b in cached_block_ids if self.blocks[b].ref_count == 0)
         if max(new_blocks, 0) + revived > len(self.free):
