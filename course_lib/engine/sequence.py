@@ -230,8 +230,8 @@ def check_request(prompt_token_ids, params: SamplingParams, model: GPTConfig, en
     except TypeError:
         raise InputError(integers) from None
     arr = np.frombuffer(packed, dtype=np.int64)                      # (P,) the same memory
-    if int(arr.min()) <= 1 and any(isinstance(i, (bool, np.bool_)) for i in prompt_token_ids):
-        raise InputError(integers)          # True and False pack as 1 and 0: look only when those occur
+    if any(isinstance(prompt_token_ids[i], (bool, np.bool_)) for i in np.flatnonzero(arr <= 1).tolist()):
+        raise InputError(integers)          # True and False pack as 1 and 0: only those places are looked at
     ids = packed.tolist()
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi >= model.vocab_size:
