@@ -24,8 +24,8 @@ their throw-away K/V there. Introduced in notebooks/11_inside_an_engine.ipynb.
 from __future__ import annotations
 
 from collections import OrderedDict
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 
 from .sequence import Sequence
 
