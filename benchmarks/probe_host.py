@@ -1,6 +1,7 @@
 """The engine's host work alone: the forward pass replaced by a stub that returns fixed logits.
 
     python benchmarks/probe_host.py [--repeats 7] [--profile] [--out DIR]
+    python benchmarks/probe_host.py --smoke --out /tmp/p     # seconds (tests)
 
 On a GPU the device runs the step graph while the host does everything else: request checks,
 scheduling, block allocation and prefix-cache naming, the flat batch, sampling's bookkeeping,
@@ -40,6 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from course_lib import perf  # noqa: E402
 from course_lib.config import GPTConfig  # noqa: E402
 from course_lib.engine import LLM, SamplingParams  # noqa: E402
 from course_lib.engine import benchmark as B  # noqa: E402
@@ -141,11 +143,12 @@ def time_serving(llm, count: int, profile: bool) -> dict:
     prompts, outs = B.serving_workload(count, 100, 1024, llm.config.vocab_size, seed=0)
     params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in outs]
     run = (lambda: llm.generate(prompts, params))
-    t = time.perf_counter()
-    run()
+    n0, t = llm.engine.num_steps, time.perf_counter()
+    produced = sum(len(o.token_ids) for o in run())
     secs = time.perf_counter() - t
-    out = {"workload": "serving", "batch": count, "ms": [secs * 1e3], "output_tokens": sum(outs),
-           "host_bound_tokens_per_s": sum(outs) / secs, "steps": llm.engine.num_steps}
+    assert produced == sum(outs), "the engine produced fewer tokens than asked"
+    out = {"workload": "serving", "batch": count, "ms": [secs * 1e3], "output_tokens": produced,
+           "host_bound_tokens_per_s": produced / secs, "steps": llm.engine.num_steps - n0}
     if profile:
         out["profile"] = profiled(run)
     return out
@@ -168,9 +171,12 @@ def main(argv=None) -> dict:
     p.add_argument("--decode-burst", type=int, default=8, help="8: the engine's default on CUDA")
     p.add_argument("--serving-requests", type=int, default=256)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--smoke", action="store_true", help="2 repeats, 16 serving requests, a small pool (tests)")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.repeats, args.serving_requests = 2, 16
     torch.set_num_threads(1)
-    llm = stubbed_llm(args.decode_burst)
+    llm = stubbed_llm(args.decode_burst, num_kv_blocks=4_000 if args.smoke else 40_000)
     rows = [time_prefill(llm, 8, 1024, args.repeats, args.profile),
             time_prefill(llm, 1, 1024, args.repeats, args.profile),
             time_decode(llm, 1, 512, 16, args.repeats, args.profile),
@@ -185,12 +191,12 @@ def main(argv=None) -> dict:
         print(f"{r['workload']:8s} B{r['batch']:<3d} median {r['median_ms']:.3f} ms  min {r['min_ms']:.3f} ms{extra}")
         for line in r.get("profile", []):
             print("   ", line)
-    result = {"date": dt.date.today().isoformat(), "cpu": platform.processor() or platform.machine(),
+    result = {"date": dt.date.today().isoformat(), "cpu": perf.device_name("cpu"), "machine": platform.machine(),
               "python": platform.python_version(), "torch": torch.__version__,
               "decode_burst": args.decode_burst, "rows": rows}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"{result['date']}_host_{platform.machine()}.json"
+        path = args.out / f"{result['date']}_host_{platform.machine()}{'_smoke' if args.smoke else ''}.json"
         path.write_text(json.dumps(result, indent=1) + "\n")
         print("wrote", path)
     return result

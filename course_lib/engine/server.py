@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import queue
@@ -795,6 +796,12 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str = "tin
     """Serve until Ctrl-C or SIGTERM (then requests in flight finish first): the ``serve`` command."""
     sock = bind_socket(host, port)
     app = create_app(llm, model_name=model_name, max_pending=max_pending)
+    # this process now only serves: move everything built so far (the model, the engine, the imported
+    # libraries: ~170k objects) out of the garbage collector's sight, so that its full collections do
+    # not walk them. Without it, the first full collection after start-up paused the engine for
+    # ~100-130 ms (benchmarks/NOTES.md); vLLM and SGLang freeze their heaps the same way
+    gc.collect()
+    gc.freeze()
     print(f"serving {model_name!r} on http://{host}:{sock.getsockname()[1]}/v1 (Ctrl-C stops)", flush=True)
     try:
         uvicorn_server(app, log_level, shutdown_timeout).run(sockets=[sock])
