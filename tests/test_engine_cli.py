@@ -64,6 +64,24 @@ def test_bench_script_smoke_writes_results(tmp_path):
     assert "| model | workload |" in r.stdout
 
 
+def test_probe_host_smoke_splits_each_prefill_call(tmp_path):
+    """benchmarks/probe_host.py runs on the CPU: each prefill call is split at its launch and its token
+    read into parts that add up to no more than the call, and the serving row makes every token."""
+    r = _run("benchmarks/probe_host.py", "--smoke", "--out", str(tmp_path), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (path,) = tmp_path.glob("*_host_*_smoke.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(x["workload"], x["batch"]) for x in rows] == [("prefill", 8), ("prefill", 1), ("decode", 1),
+                                                           ("decode", 32), ("serving", 16)]
+    for x in rows:
+        assert len(x["ms"]) >= 1 and all(t > 0 for t in x["ms"])
+        if x["workload"] == "prefill":
+            parts = x["before_launch_ms"] + x["overlappable_ms"] + x["after_read_ms"]
+            assert 0 < x["before_launch_ms"] and parts <= max(x["ms"]) * 1.001, x
+    serving = rows[-1]
+    assert serving["output_tokens"] > 16 and serving["steps"] > 0 and serving["host_bound_tokens_per_s"] > 0
+
+
 def test_bench_script_tensor_parallel_rows(tmp_path):
     """--tensor-parallel-size 1,2 gives one engine row per rank count, each saying its count
     (on CPU the two ranks talk through gloo; no all-reduce time is profiled there)."""
