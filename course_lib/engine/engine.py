@@ -223,7 +223,9 @@ class LLMEngine:
                                      self.scheduler.running)
             self.snapshots.append(snapshot)
         self.num_steps += steps
-        return InFlightStep(flats, logit_seqs, sampled.copy_to_host(), clock, snapshot)
+        host = sampled.copy_to_host()
+        counted = [self.ledger.count(flat) for flat in flats]     # beside the device, like the names above
+        return InFlightStep(flats, logit_seqs, host, clock, snapshot, counted)
 
     def _learn(self, step: "InFlightStep") -> list[tuple[Sequence, int]]:
         """Read an issued step's tokens (waiting for their copy), append them, apply the stop rules,
@@ -245,8 +247,8 @@ class LLMEngine:
                     finished.append(seq)
         self.scheduler.drop_finished(finished)
         seconds = step.clock.seconds()
-        for flat in step.flats:                  # a burst's steps share its measured time equally
-            self.ledger.add(flat, seconds / len(step.flats))
+        for rec in step.counted:                 # a burst's steps share its measured time equally
+            self.ledger.add(rec, seconds / len(step.counted))
         if step.snapshot is not None:
             step.snapshot.sampled = {seq.request_id: tok for seq, tok in learnt}
             step.snapshot.finished += [q.request_id for q in finished if q.request_id not in step.snapshot.finished
@@ -264,6 +266,7 @@ class InFlightStep:
     host: HostSample                 # the tokens on their way to the host
     clock: "StepClock"
     snapshot: StepSnapshot | None
+    counted: list                    # its steps' ledger records (metrics.Ledger.count), timed when read
     tokens: list[int] | None = None  # its (last step's) tokens, once read
 
 

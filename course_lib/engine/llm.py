@@ -234,6 +234,8 @@ class LLM:
         return [self._output(i, s) for i, s in enumerate(seqs)]
 
     def _output(self, i: int, seq: Sequence) -> RequestOutput:
-        return RequestOutput(i, seq.request_id, list(seq.prompt_token_ids), seq.output_token_ids,
+        # the sequence's own prompt list, not a copy: the engine is done with it, and a copy of a long
+        # prompt touches every id object (cold in the cache after the step: ~30 µs per 1,024)
+        return RequestOutput(i, seq.request_id, seq.prompt_token_ids, seq.output_token_ids,
                              self._text(seq.output_token_ids), seq.finish_reason, request_metrics(seq),
                              seq.logprobs if seq.params.logprobs else None)

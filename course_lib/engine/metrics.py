@@ -54,16 +54,21 @@ class Ledger:
     peak_bandwidth: float | None = None      # bytes/s, measured
     records: list[StepRecord] = field(default_factory=list)
 
-    def add(self, flat, seconds: float) -> StepRecord:
-        """Record one step of the flat batch ``flat`` (batch.py) that took ``seconds``."""
+    def count(self, flat) -> StepRecord:
+        """What one step of the flat batch ``flat`` (batch.py) computes, not yet timed (the engine
+        counts a step when it issues it, while the device runs it, and times it once its tokens
+        are read: :meth:`add`)."""
         rows = len(flat.logits_indices)
         flops, nbytes = step_cost(self.config, flat.query_lens, flat.context_lens, rows, self.bytes_per_element)
         decodes = sum(1 for s in flat.seqs if s.is_decode)
-        rec = StepRecord(
-            step=len(self.records), num_seqs=flat.num_seqs, num_prefill_tokens=flat.num_tokens - decodes,
-            num_decode_tokens=decodes, num_logit_rows=rows, flops=flops, bytes=nbytes, seconds=seconds,
-            mfu=flops / seconds / self.peak_flops if self.peak_flops and seconds > 0 else None,
-            mbu=nbytes / seconds / self.peak_bandwidth if self.peak_bandwidth and seconds > 0 else None)
+        return StepRecord(step=-1, num_seqs=flat.num_seqs, num_prefill_tokens=flat.num_tokens - decodes,
+                          num_decode_tokens=decodes, num_logit_rows=rows, flops=flops, bytes=nbytes, seconds=0.0)
+
+    def add(self, rec: StepRecord, seconds: float) -> StepRecord:
+        """Record a counted step (:meth:`count`) that took ``seconds``."""
+        rec.step, rec.seconds = len(self.records), seconds
+        rec.mfu = rec.flops / seconds / self.peak_flops if self.peak_flops and seconds > 0 else None
+        rec.mbu = rec.bytes / seconds / self.peak_bandwidth if self.peak_bandwidth and seconds > 0 else None
         self.records.append(rec)
         return rec
 
