@@ -62,7 +62,7 @@ def run_interpreted(script: str, marker: str, timeout: float = 400) -> str:
 def check_books(engine):
     """The engine's blocks, references, free list, prefix-cache names and queues agree: every block
     is held by exactly the running requests that list it, waiting and finishing requests hold none,
-    and every cached name points at a block of that name."""
+    every cached name points at a block of that name, and no block waits for its name."""
     from course_lib.engine.sequence import SequenceStatus
 
     bm, sched = engine.block_manager, engine.scheduler
@@ -81,4 +81,5 @@ def check_books(engine):
         assert (block.ref_count == 0) == (block.block_id in bm.free)
     for h, b in bm.cached.items():
         assert bm.blocks[b].block_hash == h
+    assert not bm.pending, "blocks wait for a name between steps (the engine names them when it issues a step)"
 

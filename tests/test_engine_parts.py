@@ -87,6 +87,20 @@ def test_names_wait_for_the_launch_but_a_lookup_that_needs_them_finds_them():
     assert d.block_hashes == [] and bm.find_cached_prefix(_seq([61] * 8 + [2])) == []
 
 
+def test_the_engine_names_a_steps_blocks_when_it_issues_the_step():
+    """Right after step() has issued a prefill (its tokens not read yet), the prompt's full blocks
+    are named: the naming runs beside the device, not at the next scheduling."""
+    llm = LLM(random_model(CFG), block_size=4, num_kv_blocks=30)
+    seq = llm.engine.add_request(list(range(1, 11)), SamplingParams(max_tokens=3, ignore_eos=True))
+    llm.engine.step()
+    bm = llm.engine.block_manager
+    assert seq.num_output_tokens == 0 and seq.num_in_flight == 1        # issued, not learnt
+    assert not bm.pending and len(seq.block_hashes) == 2
+    assert all(bm.cached[h] == b for h, b in zip(seq.block_hashes, seq.block_table))
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+
+
 def test_freed_named_blocks_stay_findable_until_reused():
     bm = BlockManager(num_blocks=4, block_size=2)
     a = _seq([1, 2, 3, 4, 5])
