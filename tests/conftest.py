@@ -83,3 +83,13 @@ def check_books(engine):
         assert bm.blocks[b].block_hash == h
     assert not bm.pending, "blocks wait for a name between steps (the engine names them when it issues a step)"
 
+
+def resume_exactly(engine, seqs, want, monkeypatch):
+    """After a fault injected with ``monkeypatch``: the books balance; with the fault gone the
+    requests run to the end and give exactly ``want``, and the books balance again."""
+    check_books(engine)
+    monkeypatch.undo()
+    while engine.has_unfinished():
+        engine.step()
+    assert [s.output_token_ids for s in seqs] == want
+    check_books(engine)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import check_books, random_model
+from conftest import check_books, random_model, resume_exactly
 from course_lib import checkpoint
 from course_lib.config import GPTConfig
 from course_lib.engine import LLM, EngineConfig, SamplingParams
@@ -241,12 +241,7 @@ def test_a_fault_in_the_forward_while_a_step_is_in_flight_then_a_clean_finish(mo
             eng.step()
     assert in_flight == [True] and eng.in_flight is None                    # the step before was learnt
     assert all(s.num_in_flight == 0 for s in seqs)
-    check_books(eng)
-    monkeypatch.undo()
-    while eng.has_unfinished():
-        eng.step()
-    assert [s.output_token_ids for s in seqs] == want
-    check_books(eng)
+    resume_exactly(eng, seqs, want, monkeypatch)
 
 
 # ---------------------------------------------------------------------- configuration

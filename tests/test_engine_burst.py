@@ -11,7 +11,7 @@ steps; streaming order is kept; a fault inside a burst leaves a state that finis
 import pytest
 import torch
 
-from conftest import check_books, random_model
+from conftest import check_books, random_model, resume_exactly
 from course_lib import checkpoint
 from course_lib.config import GPTConfig
 from course_lib.engine import LLM, EngineConfig, SamplingParams
@@ -203,12 +203,7 @@ def test_a_fault_in_the_middle_of_a_burst_then_a_clean_finish(monkeypatch, burst
             eng.step()
     assert seen and eng.in_flight is None
     assert all(s.num_in_flight == 0 and s.num_computed_tokens == 0 for s in seqs if not s.is_finished)
-    check_books(eng)
-    monkeypatch.undo()
-    while eng.has_unfinished():
-        eng.step()
-    assert [s.output_token_ids for s in seqs] == want
-    check_books(eng)
+    resume_exactly(eng, seqs, want, monkeypatch)
 
 
 # ---------------------------------------------------------------------- configuration

@@ -13,7 +13,7 @@ import threading
 import pytest
 import torch
 
-from conftest import check_books
+from conftest import check_books, resume_exactly
 from course_lib.engine import LLM, SamplingParams
 from course_lib.engine import engine as engine_module
 from course_lib.engine.attention import TorchAttention
@@ -120,12 +120,7 @@ def test_requests_caught_in_a_failed_step_resume_exactly(monkeypatch, stage, kin
     with pytest.raises((KeyboardInterrupt, RuntimeError)):
         while eng.has_unfinished():
             eng.step()
-    check_books(eng)
-    monkeypatch.undo()
-    while eng.has_unfinished():
-        eng.step()
-    assert [s.output_token_ids for s in seqs] == WANT
-    check_books(eng)
+    resume_exactly(eng, seqs, WANT, monkeypatch)
 
 
 @pytest.mark.parametrize("broken", [False, True])

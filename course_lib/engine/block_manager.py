@@ -59,10 +59,8 @@ class BlockManager:
         self.num_queried_tokens = 0           # prompt tokens looked up in the prefix cache
         self.num_hit_tokens = 0               # of those, found there
         self.named_this_step: list[int] = []  # blocks named since begin_step(): their K/V are not written yet
-        # blocks to name once the step is issued: id(seq) -> (seq, tokens with K/V after the step),
-        # and the first block's tokens of each such sequence (a superset, cleared when they are named)
+        # blocks to name once the step is issued: id(seq) -> (seq, tokens with K/V after the step)
         self.pending: dict[int, tuple[Sequence, int]] = {}
-        self.pending_first_blocks: set[tuple[int, ...]] = set()
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -82,7 +80,8 @@ class BlockManager:
             return []
         bs = self.block_size
         full = (seq.num_tokens - 1) // bs
-        if full and self.pending and tuple(seq.token_ids[:bs]) in self.pending_first_blocks:
+        first = seq.token_ids[:bs]
+        if full and any(other.token_ids[:bs] == first for other, _ in self.pending.values()):
             self.name_pending()                   # it may share blocks allocated earlier in this step
         hits, h = [], None
         for b, tokens in enumerate(zip(*[iter(seq.token_ids[:full * bs])] * bs)):
@@ -99,19 +98,14 @@ class BlockManager:
         bs = self.block_size
         if min(num_tokens, seq.num_tokens) // bs <= len(seq.block_hashes):
             return                                 # no block fills up
-        key = id(seq)
-        if key in self.pending:
-            num_tokens = max(num_tokens, self.pending[key][1])
-        else:
-            self.pending_first_blocks.add(tuple(seq.token_ids[:bs]))
-        self.pending[key] = (seq, num_tokens)
+        _, before = self.pending.get(id(seq), (seq, 0))
+        self.pending[id(seq)] = (seq, max(num_tokens, before))
 
     def name_pending(self) -> None:
         """Name the blocks that this step's allocations filled (see the module docstring)."""
         for seq, num_tokens in self.pending.values():
             self._cache_full_blocks(seq, num_tokens)
         self.pending.clear()
-        self.pending_first_blocks.clear()
 
     def _cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Name every block of ``seq`` that is full once ``num_tokens`` tokens have K/V and whose
@@ -144,8 +138,8 @@ class BlockManager:
         num_tokens = seq.num_computed_tokens + len(cached_block_ids) * self.block_size + num_new_tokens
         new_blocks = self.blocks_needed(num_tokens) - len(seq.block_table) - len(cached_block_ids)
         if new_blocks <= 0 and not cached_block_ids:     # most decode steps: the last block has room
-            if self.enable_prefix_caching and min(num_tokens, seq.num_tokens) // self.block_size > len(seq.block_hashes):
-                self._note_full_blocks(seq, num_tokens)      # (the test, inlined: this runs per request per step)
+            if self.enable_prefix_caching:
+                self._note_full_blocks(seq, num_tokens)
             return True
         revived = sum(1 for b in cached_block_ids if self.blocks[b].ref_count == 0)
         if max(new_blocks, 0) + revived > len(self.free):
@@ -180,7 +174,6 @@ class BlockManager:
         """A step failed before its K/V were all written: the blocks it named hold no valid K/V,
         so no later prompt may find them."""
         self.pending.clear()                          # never named
-        self.pending_first_blocks.clear()
         for block_id in self.named_this_step:
             block = self.blocks[block_id]
             if block.block_hash is not None and self.cached.get(block.block_hash) == block_id:
