@@ -7,7 +7,10 @@ Needs CUDA (PDL: compute capability 9.0). The JSON committed from it was measure
 revision of this file, whose E3 ran a prototype of the one-trip GEMV written here (the kernel that
 became triton_gemv's ``pdl_config`` path) and whose replays were timed back to back as one mean;
 this revision calls course_lib's GEMV and perf.captured_seconds / graph_replay_seconds (a median of
-single replays) instead, and has not been rerun.
+single replays) instead, and has not been rerun. Since session 6 the engine's decode GEMVs are
+triton_gemv's row kernel on K-contiguous weights (benchmarks/probe_gemv_rows.py); the
+``pdl_config`` path and ``PDL_MAX_BYTES`` it measured are gone, so P2's variants now differ only in
+PDL on or off.
 
 E1 prefill attention: the unified kernel's tile configs (BLOCK_M, BLOCK_N, warps, stages) vs SDPA at B1/B8 x 1024.
 E2 cublasLt bias+GELU epilogue (torch._addmm_activation) vs mm + our bias_gelu.

@@ -14,7 +14,7 @@ from course_lib.errors import ConfigError
 KERNELS = r"""
 import torch
 import torch.nn.functional as F
-from course_lib.engine.triton_gemv import GemvConfig, default_config, gemv, gemv_partials, pdl_config, splitk_reduce
+from course_lib.engine.triton_gemv import GemvConfig, default_config, gemv, gemv_partials, splitk_reduce
 from course_lib.engine.triton_fused import add_layernorm, bias_gelu, embed_layernorm
 from course_lib.errors import InputError
 
@@ -38,7 +38,7 @@ for dtype in (torch.float32, torch.bfloat16):
             configs = [GemvConfig(block_n=32, block_k=32, split=1, use_dot=M > 1),     # one launch, epilogue
                        GemvConfig(block_n=64, block_k=32, split=3, use_dot=False),     # split-K + reduce
                        GemvConfig(block_n=32, block_k=64, split=2, use_dot=True), None,   # None: the default rule
-                       pdl_config(M, K)]     # one trip a program (the PDL GEMVs): its weights loaded before the wait
+                       GemvConfig(block_n=64, block_k=32, split=-(-K // 32), use_dot=M > 1)]   # one trip a program
             for i, cfg in enumerate(configs):
                 close(gemv(x, w, config=cfg), ref, dtype, ("no bias", K, N, M, cfg))
                 gelu = i < 2 or i == 4
@@ -64,6 +64,54 @@ for bad in (lambda: gemv(torch.randn(2, 5), torch.randn(6, 3)), lambda: gemv(tor
     except InputError:
         pass
 print("gemv ok", n)
+
+# the row kernel: K-contiguous weights (W.T row-major), whole rows a program, at most ROWS_MAX_M rows
+from course_lib.engine.triton_gemv import ROWS_MAX_M, RowsConfig, plan_gemv, rows_config
+for dtype in (torch.float32, torch.bfloat16):
+    for K, N in ((100, 70), (130, 257)):
+        wt = (torch.randn(N, K) / K ** 0.5).to(dtype)
+        w = wt.t()                                                  # (K, N) view, K contiguous
+        b = torch.randn(N, dtype=dtype)
+        for M in range(1, ROWS_MAX_M + 1):
+            x = torch.randn(M, K, dtype=dtype)
+            ref = x.float() @ w.float()
+            for cfg in (RowsConfig(block_n=8, split=1, num_warps=4), RowsConfig(block_n=16, split=3, num_warps=4),
+                        plan_gemv(M, K, N, k_contiguous=True)):
+                assert isinstance(cfg, RowsConfig), cfg
+                close(gemv(x, w, config=cfg), ref, dtype, ("rows", K, N, M, cfg))
+                close(gemv(x, w, b, gelu=True, config=cfg), F.gelu(ref + b.float(), approximate="tanh"), dtype,
+                      ("rows bias + gelu", K, N, M, cfg))
+                parts = gemv_partials(x, w, cfg)
+                assert parts.shape == (cfg.num_splits(K), M, N) and parts.dtype == torch.float32
+                close(parts.sum(0), ref, torch.float32 if dtype == torch.float32 else dtype, ("rows partials", K, N, M))
+                n += 3
+for bad in (lambda: gemv(torch.randn(ROWS_MAX_M + 1, 8), torch.randn(5, 8).t(), config=rows_config(8, 5)),
+            lambda: gemv(torch.randn(1, 8), torch.randn(8, 5), config=rows_config(8, 5))):   # N-contiguous
+    try:
+        bad()
+        raise SystemExit("bad row-kernel input accepted")
+    except InputError:
+        pass
+# the row kernel on the tensor cores: any rows (tiles of 16-64), at least 16 columns a program
+for dtype in (torch.float32, torch.bfloat16):
+    K, N = 130, 70
+    w = (torch.randn(N, K) / K ** 0.5).to(dtype).t()
+    b = torch.randn(N, dtype=dtype)
+    for M in (1, 3, 20):
+        x = torch.randn(M, K, dtype=dtype)
+        ref = x.float() @ w.float()
+        for cfg in (RowsConfig(block_n=16, split=1, use_dot=True), RowsConfig(block_n=32, split=2, use_dot=True)):
+            close(gemv(x, w, b, gelu=True, config=cfg), F.gelu(ref + b.float(), approximate="tanh"), dtype,
+                  ("rows dot", K, N, M, cfg))
+            close(gemv_partials(x, w, cfg).sum(0), ref, torch.float32 if dtype == torch.float32 else dtype,
+                  ("rows dot partials", K, N, M, cfg))
+            n += 2
+try:
+    gemv(torch.randn(3, 8), torch.randn(5, 8).t(), config=RowsConfig(block_n=8, use_dot=True))
+    raise SystemExit("a tensor-core row launch of fewer than 16 columns accepted")
+except InputError:
+    pass
+print("rows ok", n)
 
 for dtype in (torch.float32, torch.bfloat16):
     for D, rows in ((48, 5), (100, 3)):                          # D = 100: not a power of two
@@ -122,7 +170,10 @@ assert llm.engine.runner.fused is not None
 assert [o.token_ids for o in llm.generate(prompts, p)] == want
 plans = llm.engine.runner.fused._plans
 assert any(v is None for v in plans.values()), "a prefill step should have used cuBLAS (many rows)"
-assert any(v is not None and v.split > 1 for v in plans.values()), "a decode step should have used split-K"
+assert [o.token_ids for o in llm.generate(prompts[:1], p)] == want[:1]      # decode steps of one row
+from course_lib.engine.triton_gemv import RowsConfig
+assert any(isinstance(v, RowsConfig) for v in plans.values()), "a decode step should have used the row kernel"
+assert all(b.mlp.c_fc.weight.stride(0) == 1 for b in llm.engine.runner.model.transformer.h)   # stored K-contiguous
 print("fused engine ok", len(plans))
 
 # teeth: a LayerNorm that forgets its bias changes the outputs
@@ -194,19 +245,27 @@ def test_plan_gemv_rules(monkeypatch):
     lm8 = G.GemvConfig(block_n=64, block_k=64, split=1, num_warps=4, use_dot=True)
     G.MEASURED[(1600, 50257, True, 8)] = lm8
     G.MEASURED[(1600, 50257, True, 32)] = None
-    assert G.plan_gemv(3, 1600, 50257, k_contiguous=True) == lm8     # the nearest measured M above
+    assert G.plan_gemv(5, 1600, 50257, k_contiguous=True) == lm8     # the nearest measured M above
     assert G.plan_gemv(9, 1600, 50257, k_contiguous=True) is None
     # the shipped table: measured entries only, every value a config or None (cuBLAS)
-    assert measured and all(v is None or isinstance(v, G.GemvConfig) for v in measured.values())
-    assert measured[(1600, 50257, True, 8)] is not None          # the LM head: ours beat cuBLAS by 4x
-    # with PDL: small matrices of few rows take one-trip tiles; big ones, many rows and the LM head do not
-    c = G.plan_gemv(1, 768, 3072, pdl=True)
-    assert c == G.pdl_config(1, 768) and c.k_per_split(768) == c.block_k and not c.use_dot
-    assert c.num_splits(768) * c.block_k >= 768 > (c.num_splits(768) - 1) * c.block_k
-    assert G.plan_gemv(16, 3072, 768, pdl=True).use_dot
-    assert G.plan_gemv(17, 768, 3072, pdl=True) != G.pdl_config(17, 768)
-    assert G.plan_gemv(1, 6400, 1600, pdl=True) != G.pdl_config(1, 6400)            # 20 MB: cuBLAS's
-    assert G.plan_gemv(1, 768, 50257, k_contiguous=True, pdl=True) == G.plan_gemv(1, 768, 50257, k_contiguous=True)
+    assert measured and all(v is None or isinstance(v, (G.GemvConfig, G.RowsConfig)) for v in measured.values())
+    # K-contiguous weights (the engine's layout) at up to ROWS_MAX_M rows: the row kernel, with the
+    # widest of 8, 4, 2 columns a program that still leaves ROWS_TARGET_PROGRAMS programs
+    assert G.plan_gemv(1, 1600, 4800, k_contiguous=True) == G.RowsConfig(block_n=8, split=1, num_warps=4)
+    assert G.plan_gemv(G.ROWS_MAX_M, 768, 2304, k_contiguous=True) == G.RowsConfig(block_n=4)
+    assert G.plan_gemv(1, 1600, 1600, k_contiguous=True).block_n == 2          # 1600 columns: 2 a program
+    assert G.plan_gemv(1, 1600, 50257, k_contiguous=True).block_n == 8         # the LM head too
+    assert not isinstance(G.plan_gemv(G.ROWS_MAX_M + 1, 768, 2304, k_contiguous=True), G.RowsConfig)
+    for K, N in ((768, 768), (1600, 4800), (6400, 1600), (768, 50257)):
+        c = G.rows_config(K, N)
+        assert -(-N // c.block_n) >= G.ROWS_TARGET_PROGRAMS or c.block_n == 2
+    monkeypatch.setattr(G, "MEASURED", measured)              # the shipped table, at 3-32 rows
+    assert G.plan_gemv(4, 1600, 4800, k_contiguous=True) is None                 # XL's wide projections: cuBLAS
+    assert G.plan_gemv(32, 1600, 6400, k_contiguous=True) is None
+    assert G.plan_gemv(3, 768, 2304, k_contiguous=True).use_dot                  # 124M's: rows on tensor cores
+    assert isinstance(G.plan_gemv(32, 768, 3072, k_contiguous=True), G.RowsConfig)
+    assert isinstance(G.plan_gemv(8, 1600, 50257, k_contiguous=True), G.GemvConfig)   # the LM head: tiles, 4x cuBLAS
+    assert G.plan_gemv(33, 768, 2304, k_contiguous=True) is None                 # past the measured rows: cuBLAS
 
 
 def test_fused_kernels_config():

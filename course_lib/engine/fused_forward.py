@@ -27,7 +27,6 @@ from __future__ import annotations
 import torch
 
 from ..model import gelu
-from .pdl import pdl_enabled
 from .triton_fused import add_layernorm, bias_gelu, embed_layernorm
 from .triton_gemv import gemv, gemv_partials, plan_gemv
 
@@ -40,12 +39,18 @@ class FusedForward:
         self.model = runner.model
         self.tanh_gelu = runner.fused_gelu        # GPT-2's tanh GELU: fused; other activations run after
         self._plans = {}
+        # every projection stored K-contiguous (W.T row-major, the nn.Linear layout): the decode
+        # GEMVs then read whole weight rows (triton_gemv's row kernel, ~1.6x cuBLAS's stream at one
+        # row), and cuBLAS is as fast on it for many rows. Same values and shapes; one copy.
+        for block in self.model.transformer.h:
+            for lin in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+                if lin.weight.stride(0) != 1:
+                    lin.weight.data = lin.weight.data.t().contiguous().t()
 
     def plan(self, M: int, w: torch.Tensor):
         key = (M, tuple(w.shape), w.stride(0) == 1)
         if key not in self._plans:
-            self._plans[key] = plan_gemv(M, w.shape[0], w.shape[1], k_contiguous=w.stride(0) == 1,
-                                         pdl=pdl_enabled(w.device), element_size=w.element_size())
+            self._plans[key] = plan_gemv(M, w.shape[0], w.shape[1], k_contiguous=w.stride(0) == 1)
         return self._plans[key]
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, act: bool = False,

@@ -3,24 +3,32 @@
 At decode a step multiplies a few token rows (M = batch, often 1) by every weight matrix of the
 model, so its time is the time to stream the weights from memory once: GPT-2 XL's 48 layers x 4
 products + the LM head are ~3.1 GB of bf16, ~0.74 ms at the H200's ~4.2 TB/s. cuBLAS picks its
-kernels for matmuls, and at M = 1 leaves half of that bandwidth unused: too few thread blocks in
-flight for the wide-K products (6400 -> 1600 has only 1600 output columns to share out).
+kernels for matmuls, and at one row streams these 5-20 MB matrices at ~1-2.4 TB/s.
 
-The kernel here gives every program a ``BLOCK_N``-column slice of ``W`` and a ``1/split`` share of
-its K rows (**split-K**), so even a narrow product keeps every SM streaming. Each program keeps an
-fp32 accumulator of ``(BLOCK_M, BLOCK_N)``: for one row a multiply-and-sum on the CUDA cores, for
-several rows ``tl.dot`` on tiles of 16 rows, padded (tensor cores; the padding costs no memory
-traffic; more than 16 rows take more row tiles, a third grid axis). With
-``split == 1`` the bias and GELU are applied in the epilogue and the result is written in the
+Two kernels, both reading ``W`` as a ``(K, N)`` view of any strides:
+
+* **the row kernel** (:class:`RowsConfig`, one or two token rows) for weights stored K-contiguous
+  (``W.T`` row-major, the ``nn.Linear`` layout, which the engine gives every projection; the LM
+  head ``wte.t()`` already is): a program takes ``block_n`` whole weight rows, loads all of them
+  in one go *before* it waits for the kernel ahead (programmatic dependent launch, pdl.py), then
+  takes the dot products with the token rows. The loads of the next product stream while the one
+  ahead finishes: GPT-2 XL's weight products for one token back to back take 1.01 ms (3.1 TB/s)
+  against cuBLAS's 1.63 ms (benchmarks/probe_gemv_rows.py on an H200).
+* **the tile kernel** (:class:`GemvConfig`, up to :data:`GEMV_MAX_ROWS` rows): a program takes a
+  ``BLOCK_N``-column slice of ``W`` and a ``1/split`` share of its K rows (**split-K**), with an fp32
+  accumulator of ``(BLOCK_M, BLOCK_N)``: for one row a multiply-and-sum on the CUDA cores, for
+  several rows ``tl.dot`` on tiles of 16 rows, padded (tensor cores; the padding costs no memory
+  traffic; more than 16 rows take more row tiles, a third grid axis). It serves the LM head and the
+  small projections at 3-8 rows, where it beats cuBLAS.
+
+With one split the bias and GELU are applied in the epilogue and the result is written in the
 input's dtype; with ``split > 1`` each program writes an fp32 partial ``(split, M, N)`` that a
 consumer sums: :func:`splitk_reduce` (bias, GELU, cast: one small kernel), or the fused residual
 add + LayerNorm of triton_fused.py, which takes the partials directly.
 
-Which configuration runs for which shape is a host decision made when the step is captured
-(:func:`plan_gemv`: a table measured on the H200 by benchmarks/bench_kernels.py, else a rule from
-the shape); ``None`` means cuBLAS (many rows, where its matmul kernels are the better choice).
-``W`` is any ``(K, N)`` view: the GPT's Conv1D weights are ``(in, out)`` with N contiguous, the LM
-head is ``wte.t()`` with K contiguous. Runs on CPU through the Triton interpreter (tests/test_fused_kernels.py).
+Which kernel runs for which shape is a host decision made when the step is captured
+(:func:`plan_gemv`: a table measured on the H200, else a rule from the shape); ``None`` means
+cuBLAS. Runs on CPU through the Triton interpreter (tests/test_fused_kernels.py).
 """
 
 from __future__ import annotations
@@ -36,15 +44,21 @@ import triton.language as tl
 from ..errors import InputError
 from .pdl import pdl_enabled, pdl_launch_next, pdl_wait
 
-#: the most token rows plan_gemv gives the GEMV (it tiles rows by 16; past this cuBLAS is the better choice)
+#: the most token rows plan_gemv gives our kernels (the tile kernel tiles rows by 16; past this cuBLAS is the better choice)
 GEMV_MAX_ROWS = 64
-#: the most rows a shape missing from MEASURED gives the GEMV; more go to cuBLAS
+#: the most rows a shape missing from MEASURED gives the tile kernel; more go to cuBLAS
 DEFAULT_MAX_ROWS = 8
 #: programs to aim for with split-K: about two per SM of an H200 (132 SMs)
 TARGET_PROGRAMS = 264
 #: fewest K rows a split may get (shorter ones spend more on partials than they save)
 MIN_K_PER_SPLIT = 256
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+#: the most token rows the row kernel takes: each row is its own multiply-and-sum pass, and on an
+#: H200 it beat cuBLAS on every GPT-2 product at one and two rows but lost on XL's wide ones at four
+#: (benchmarks/probe_gemv_rows.py, part rows_m)
+ROWS_MAX_M = 2
+#: programs a row-kernel launch aims for: its ``block_n`` is the widest of 8, 4, 2 that leaves this many
+ROWS_TARGET_PROGRAMS = 512
 
 
 @dataclass(frozen=True)
@@ -68,42 +82,72 @@ class GemvConfig:
         return triton.cdiv(K, self.k_per_split(K))
 
 
-#: measured choices, (K, N, k_contiguous, M measured) -> config, or None where cuBLAS was faster.
-#: From benchmarks/bench_kernels.py's "best" entries on an H200 (2026-12-01, torch 2.11, triton 3.6;
-#: benchmarks/results/2026-12-01_nvidia-h200_kernels.json): cuBLAS wins every GPT-2 projection
-#: but 3072->768 (124M's MLP down) and 6400->1600 at 8 rows; ours wins the LM head, by 1.25x at one
-#: row and 4x at 8 rows (cuBLAS falls to ~0.9 TB/s there). A step of M rows takes the entry
-#: of the smallest measured M >= its rows; shapes not here use :func:`default_config`.
-MEASURED: dict[tuple[int, int, bool, int], GemvConfig | None] = {
-    (768, 2304, False, 1): None,
-    (768, 2304, False, 8): None,
-    (768, 2304, False, 32): None,
-    (768, 768, False, 1): None,
-    (768, 768, False, 8): None,
-    (768, 768, False, 32): None,
-    (768, 3072, False, 1): None,
-    (768, 3072, False, 8): None,
-    (768, 3072, False, 32): None,
-    (3072, 768, False, 1): GemvConfig(block_n=64, block_k=128, split=12, num_warps=4, use_dot=False),
-    (3072, 768, False, 8): GemvConfig(block_n=128, block_k=128, split=6, num_warps=8, use_dot=True),
-    (3072, 768, False, 32): GemvConfig(block_n=128, block_k=128, split=6, num_warps=8, use_dot=True),
-    (768, 50257, True, 1): GemvConfig(block_n=32, block_k=128, split=1, num_warps=4, use_dot=False),
-    (768, 50257, True, 8): GemvConfig(block_n=128, block_k=64, split=1, num_warps=8, use_dot=True),
-    (768, 50257, True, 32): GemvConfig(block_n=256, block_k=64, split=1, num_warps=8, use_dot=True),
-    (1600, 4800, False, 1): None,
-    (1600, 4800, False, 8): None,
-    (1600, 4800, False, 32): None,
-    (1600, 1600, False, 1): None,
-    (1600, 1600, False, 8): None,
-    (1600, 1600, False, 32): None,
-    (1600, 6400, False, 1): None,
-    (1600, 6400, False, 8): None,
-    (1600, 6400, False, 32): None,
-    (6400, 1600, False, 1): None,
-    (6400, 1600, False, 8): GemvConfig(block_n=128, block_k=128, split=10, num_warps=8, use_dot=True),
-    (6400, 1600, False, 32): None,
-    (1600, 50257, True, 1): GemvConfig(block_n=64, block_k=128, split=1, num_warps=4, use_dot=True),
-    (1600, 50257, True, 8): GemvConfig(block_n=64, block_k=64, split=1, num_warps=4, use_dot=True),
+@dataclass(frozen=True)
+class RowsConfig:
+    """A launch of the row kernel, for K-contiguous weights: ``block_n`` whole weight rows a
+    program (or their ``1/split`` share of K), each the dot product with the token rows; one trip,
+    so every program loads all its weights at once, before it waits for the kernel ahead."""
+
+    block_n: int = 4
+    split: int = 1
+    num_warps: int = 4
+    use_dot: bool = False     # tl.dot on tiles of 16-64 token rows (any M; block_n >= 16)
+
+    def k_per_split(self, K: int) -> int:
+        """K columns of one split, a multiple of 16."""
+        return triton.cdiv(triton.cdiv(K, self.split), 16) * 16
+
+    def num_splits(self, K: int) -> int:
+        return triton.cdiv(K, self.k_per_split(K))
+
+
+def _dot_rows(block_n: int, split: int, num_warps: int) -> RowsConfig:
+    return RowsConfig(block_n=block_n, split=split, num_warps=num_warps, use_dot=True)
+
+
+#: measured choices for K-contiguous weights (the engine's layout) at 3-32 rows, (K, N,
+#: k_contiguous, M measured) -> config, or None where cuBLAS was fastest; up to ROWS_MAX_M rows the
+#: row kernel runs without this table. From benchmarks/probe_gemv_rows.py's rows_dot part on an
+#: H200 (torch 2.11, triton 3.6; ``..._probe_gemv_rows_dot.json``): the fastest of cuBLAS, the tile
+#: kernel and the row kernel on the tensor cores over block sizes and splits, each checked against
+#: an fp32 product first. The row kernel took every GPT-2 124M projection (3.1-4.7 us against
+#: cuBLAS's 4.3-8.0) and XL's 1600 -> 1600 (4.0-4.5 against 5.6-6.6); cuBLAS kept XL's wide ones
+#: (7.0-11.2 us; the row kernel's whole-row tiles spill at 32 rows); the tile kernel the LM heads
+#: (23.6-74 us against cuBLAS's 57-220). A step of M rows takes the entry of the smallest measured
+#: M >= its rows; shapes not here use :func:`default_config` up to DEFAULT_MAX_ROWS rows, then cuBLAS.
+MEASURED: dict[tuple[int, int, bool, int], GemvConfig | RowsConfig | None] = {
+    # GPT-2 124M
+    (768, 2304, True, 4): _dot_rows(32, 1, 4),
+    (768, 2304, True, 8): _dot_rows(32, 1, 4),
+    (768, 2304, True, 16): _dot_rows(32, 1, 4),
+    (768, 2304, True, 32): _dot_rows(32, 1, 8),
+    (768, 768, True, 4): _dot_rows(16, 1, 8),
+    (768, 768, True, 8): _dot_rows(32, 1, 4),
+    (768, 768, True, 16): _dot_rows(16, 1, 8),
+    (768, 768, True, 32): _dot_rows(16, 1, 8),
+    (768, 3072, True, 4): _dot_rows(32, 1, 4),
+    (768, 3072, True, 8): _dot_rows(32, 1, 4),
+    (768, 3072, True, 16): _dot_rows(32, 1, 4),
+    (768, 3072, True, 32): _dot_rows(32, 1, 8),
+    (3072, 768, True, 4): _dot_rows(32, 4, 4),
+    (3072, 768, True, 8): _dot_rows(32, 4, 4),
+    (3072, 768, True, 16): _dot_rows(32, 4, 4),
+    (3072, 768, True, 32): _dot_rows(32, 4, 8),
+    (768, 50257, True, 4): GemvConfig(block_n=256, block_k=64, split=1, num_warps=8, use_dot=True),
+    (768, 50257, True, 8): GemvConfig(block_n=256, block_k=64, split=1, num_warps=8, use_dot=True),
+    (768, 50257, True, 16): GemvConfig(block_n=256, block_k=64, split=1, num_warps=8, use_dot=True),
+    (768, 50257, True, 32): GemvConfig(block_n=128, block_k=64, split=1, num_warps=8, use_dot=True),
+    # GPT-2 XL
+    (1600, 4800, True, 32): None,
+    (1600, 1600, True, 4): _dot_rows(32, 4, 4),
+    (1600, 1600, True, 8): _dot_rows(32, 4, 4),
+    (1600, 1600, True, 16): _dot_rows(32, 4, 4),
+    (1600, 1600, True, 32): _dot_rows(32, 4, 8),
+    (1600, 6400, True, 32): None,
+    (6400, 1600, True, 8): GemvConfig(block_n=64, block_k=128, split=11, num_warps=4, use_dot=True),
+    (6400, 1600, True, 32): None,
+    (1600, 50257, True, 4): GemvConfig(block_n=256, block_k=64, split=1, num_warps=8, use_dot=True),
+    (1600, 50257, True, 16): GemvConfig(block_n=64, block_k=64, split=1, num_warps=4, use_dot=True),
     (1600, 50257, True, 32): GemvConfig(block_n=256, block_k=64, split=1, num_warps=8, use_dot=True),
 }
 
@@ -113,8 +157,8 @@ def rows_bucket(M: int) -> int:
 
 
 def default_config(M: int, K: int, N: int, k_contiguous: bool) -> GemvConfig:
-    """The rule for shapes the table lacks: enough programs to cover every SM twice, each with at
-    least ``MIN_K_PER_SPLIT`` K rows; K-contiguous weights (the LM head) read longer K runs."""
+    """The tile kernel's rule for shapes the table lacks: enough programs to cover every SM twice,
+    each with at least ``MIN_K_PER_SPLIT`` K rows; K-contiguous weights read longer K runs."""
     block_n, block_k = (64, 128) if k_contiguous else (128, 64)
     use_dot = M > 1
     n_blocks = triton.cdiv(N, block_n)
@@ -122,34 +166,26 @@ def default_config(M: int, K: int, N: int, k_contiguous: bool) -> GemvConfig:
     return GemvConfig(block_n=block_n, block_k=block_k, split=split, num_warps=4, use_dot=use_dot)
 
 
-#: with programmatic dependent launch (pdl.py) a GEMV of at most this many rows, whose weight matrix
-#: has at most PDL_MAX_BYTES, runs as one-trip tiles of ours: every program loads its whole weight
-#: tile before it waits for the kernel ahead, so the weights stream in while that kernel finishes.
-#: Measured on an H200 (benchmarks/probe_session3.py, whole decode-step graphs): GPT-2 124M (every
-#: matrix <= 4.7 MB) 0.395 -> 0.335 ms a step at one row; GPT-2 XL's 15-20 MB matrices were slower
-#: so (2.12 -> 2.52 ms), its 5 MB one no faster: past 8 MB cuBLAS keeps the product
-PDL_MAX_ROWS = 16
-PDL_MAX_BYTES = 8 << 20
-#: the one-trip tile of the PDL GEMVs: BLOCK_K x BLOCK_N weights (16 KB of bf16) a program
-PDL_BLOCK_K, PDL_BLOCK_N = 128, 64
+def rows_config(K: int, N: int) -> RowsConfig:
+    """The row kernel's launch for ``(K, N)``: one split, 4 warps, the widest ``block_n`` of 8, 4, 2
+    that leaves :data:`ROWS_TARGET_PROGRAMS` programs. Swept on an H200 at one row
+    (benchmarks/probe_gemv_rows.py: 2-32 columns, 1-8 splits, 4 or 8 warps), this rule is within
+    5 % of the best config on every GPT-2 124M and XL product, LM heads included. Under the Triton
+    interpreter (CPU), where every program is a Python call, 64 columns a program."""
+    if _interpreting():
+        return RowsConfig(block_n=64, split=1, num_warps=4)
+    block_n = next((b for b in (8, 4) if triton.cdiv(N, b) >= ROWS_TARGET_PROGRAMS), 2)
+    return RowsConfig(block_n=block_n, split=1, num_warps=4)
 
 
-def pdl_config(M: int, K: int) -> GemvConfig:
-    """One trip per program: ``split = ceil(K / PDL_BLOCK_K)`` partials, summed by the consumer."""
-    return GemvConfig(block_n=PDL_BLOCK_N, block_k=PDL_BLOCK_K, split=triton.cdiv(K, PDL_BLOCK_K),
-                      num_warps=4, use_dot=M > 1)
-
-
-def plan_gemv(M: int, K: int, N: int, k_contiguous: bool = False, pdl: bool = False,
-              element_size: int = 2) -> GemvConfig | None:
-    """The kernel for ``(M, K) @ (K, N)``: a :class:`GemvConfig`, or ``None`` for cuBLAS. Decided
-    from the shape only (once per captured token bucket), never from the data. ``pdl``: our
-    kernels are launched with programmatic dependent launch (:func:`pdl_config` then for the
-    projections of few rows)."""
+def plan_gemv(M: int, K: int, N: int, k_contiguous: bool = False) -> GemvConfig | RowsConfig | None:
+    """The kernel for ``(M, K) @ (K, N)``: a :class:`RowsConfig` or :class:`GemvConfig`, or
+    ``None`` for cuBLAS. Decided from the shape only (once per captured token bucket), never from
+    the data. ``k_contiguous``: ``W.T`` is row-major (the engine's projections and LM head)."""
     if M > GEMV_MAX_ROWS:
         return None
-    if pdl and not k_contiguous and M <= PDL_MAX_ROWS and K * N * element_size <= PDL_MAX_BYTES:
-        return pdl_config(M, K)
+    if k_contiguous and M <= ROWS_MAX_M:
+        return rows_config(K, N)
     measured = [m for (k, n, c, m) in MEASURED if (k, n, c) == (K, N, k_contiguous) and m >= M]
     if measured:
         return MEASURED[(K, N, k_contiguous, min(measured))]
@@ -262,6 +298,83 @@ def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_ps, stride_p
     tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _gemv_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split,
+                      stride_xm, stride_wn, stride_om, stride_os,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, GELU: tl.constexpr, PARTIAL: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_launch_next(USE_PDL)
+    pid_s = tl.program_id(1)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    k = pid_s * k_per_split + rk
+    n_ok = rn < N
+    k_ok = (rk < k_per_split) & (k < K)
+    # (BLOCK_N, BLOCK_K): every weight this program needs, contiguous along K, loaded before the
+    # wait — with PDL they stream in while the kernel ahead finishes; read once a step: evict first
+    w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                other=0.0, eviction_policy="evict_first")
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    pdl_wait(USE_PDL)
+    if USE_DOT:         # a tile of BLOCK_M token rows against the weight rows, on the tensor cores
+        rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if DOT_FP32:
+            if IEEE:
+                y = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                y = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+        else:
+            y = tl.dot(x, tl.trans(w))                                                          # (BLOCK_M, BLOCK_N)
+        ok = m_ok[:, None] & n_ok[None, :]
+        if PARTIAL:
+            tl.store(out_ptr + pid_s * stride_os + rm[:, None] * stride_om + rn[None, :], y, mask=ok)
+        else:
+            if HAS_BIAS:
+                y += bias[None, :]
+            if GELU:
+                y = _gelu_tanh(y)
+            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+    else:               # one or two rows: a multiply-and-sum each on the CUDA cores
+        w = w.to(tl.float32)
+        for m in tl.static_range(BLOCK_M):
+            row_ok = m < M
+            x = tl.load(x_ptr + m * stride_xm + k, mask=k_ok & row_ok, other=0.0).to(tl.float32)    # (BLOCK_K,)
+            y = tl.sum(w * x[None, :], axis=1)                                                       # (BLOCK_N,)
+            if PARTIAL:
+                tl.store(out_ptr + pid_s * stride_os + m * stride_om + rn, y, mask=n_ok & row_ok)
+            else:
+                if HAS_BIAS:
+                    y += bias
+                if GELU:
+                    y = _gelu_tanh(y)
+                tl.store(out_ptr + m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=n_ok & row_ok)
+
+
+def _launch_rows(x, w, bias, out, config: RowsConfig, gelu: bool, partial: bool) -> None:
+    M, K, N = x.shape[0], x.shape[1], w.shape[1]
+    if w.stride(0) != 1 or (not config.use_dot and M > ROWS_MAX_M) or (config.use_dot and config.block_n < 16):
+        raise InputError(f"the row GEMV takes K-contiguous weights (w.stride(0) == 1), at most {ROWS_MAX_M} rows "
+                         f"without tensor cores and 16 or more columns a program with them; got {M} rows, "
+                         f"w strides {w.stride()}, {config}")
+    interp = _interpreting()
+    pdl = pdl_enabled(x.device)
+    fp32 = x.dtype == torch.float32 or w.dtype == torch.float32
+    kps = config.k_per_split(K)
+    block_m = min(max(16, triton.next_power_of_2(max(M, 1))), 64) if config.use_dot else triton.next_power_of_2(max(M, 1))
+    grid = (triton.cdiv(N, config.block_n), config.num_splits(K), triton.cdiv(M, block_m))
+    _gemv_rows_kernel[grid](
+        x, w, bias if bias is not None else w, out, M, N, K, kps,
+        x.stride(0), w.stride(1), out.stride(-2), out.stride(0) if partial else 0,
+        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=max(16, triton.next_power_of_2(kps)),
+        USE_DOT=config.use_dot, DOT_FP32=fp32 or interp, IEEE=fp32 and not interp,
+        HAS_BIAS=bias is not None and not partial, GELU=gelu, PARTIAL=partial, USE_PDL=pdl,
+        num_warps=config.num_warps, launch_pdl=pdl)
+
+
 def _check(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int]:
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[0]:
         raise InputError(f"gemv needs x (M, K) and w (K, N); got x {tuple(x.shape)} and w {tuple(w.shape)}")
@@ -270,7 +383,9 @@ def _check(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int]:
     return x.shape[0], x.shape[1], w.shape[1]
 
 
-def _launch(x, w, bias, out, config: GemvConfig, gelu: bool, partial: bool) -> None:
+def _launch(x, w, bias, out, config, gelu: bool, partial: bool) -> None:
+    if isinstance(config, RowsConfig):
+        return _launch_rows(x, w, bias, out, config, gelu, partial)
     M, K, N = x.shape[0], x.shape[1], w.shape[1]
     interp = _interpreting()
     pdl = pdl_enabled(x.device)
@@ -286,7 +401,7 @@ def _launch(x, w, bias, out, config: GemvConfig, gelu: bool, partial: bool) -> N
         USE_PDL=pdl, num_warps=config.num_warps, launch_pdl=pdl)
 
 
-def gemv_partials(x: torch.Tensor, w: torch.Tensor, config: GemvConfig) -> torch.Tensor:
+def gemv_partials(x: torch.Tensor, w: torch.Tensor, config: "GemvConfig | RowsConfig") -> torch.Tensor:
     """The split-K partial products of ``x (M, K) @ w (K, N)``: fp32 ``(splits, M, N)`` whose sum
     over the first axis is the product (no bias). One launch."""
     M, K, N = _check(x, w)
@@ -313,7 +428,7 @@ def splitk_reduce(partials: torch.Tensor, bias: torch.Tensor | None = None, gelu
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
-         out: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, config: "GemvConfig | RowsConfig | None" = None) -> torch.Tensor:
     """``x (M, K) @ w (K, N) (+ bias) (then tanh-GELU)`` → ``(M, N)`` in ``x``'s dtype (or into
     ``out``, rows contiguous), fp32 accumulation. One launch with ``split == 1``, two otherwise
     (partials, then :func:`splitk_reduce`). ``config``: default :func:`plan_gemv`'s rule."""
