@@ -9,7 +9,9 @@
 2. every GEMV shape at M = 1, 8, 32: cuBLAS (addmm, as the engine's reference path) vs each
    candidate launch shape of ours, time per call from a CUDA graph that runs the product on enough
    copies of the weight to miss in L2 (as in a real step), achieved GB/s; the best one per shape
-   becomes the table (printed as ``MEASURED`` lines for triton_gemv.py, and used below);
+   becomes the table (printed as ``MEASURED`` lines, and used below; these are for the Conv1D
+   layout, N contiguous: since session 6 the engine stores its projections K-contiguous and
+   triton_gemv.py's table comes from probe_gemv_rows.py);
 3. the whole model's weight products back to back in one CUDA graph (48 x 4 + LM head for XL,
    12 x 4 + LM head for 124M, M = 1 and 8): cuBLAS vs the table;
 4. add + LayerNorm fused vs torch's add then layer_norm (in a graph);

@@ -16,8 +16,11 @@ Which kernel does what, per layer (reference lines on the left)::
                                      the last layer with ln_f on the logit rows only
     logits = h @ wte.T               linear into the shared logits buffer
 
-"Few rows" and each GEMV's launch shape come from :func:`~course_lib.engine.triton_gemv.plan_gemv`
-for the step's static row count, so a captured graph's kernels are fixed per token bucket. With
+The four projections of every layer are stored K-contiguous (``W.T`` row-major) when the fused
+forward is built, so that a decode GEMV reads whole weight rows (triton_gemv.py's row kernel).
+"Few rows" and each GEMV's kernel and launch shape come from
+:func:`~course_lib.engine.triton_gemv.plan_gemv` for the step's static row count, so a captured
+graph's kernels are fixed per token bucket. With
 tensor parallelism a projection's output is first completed (bias included) and all-reduced,
 then added: the partial sums of split-K never cross ranks.
 """
