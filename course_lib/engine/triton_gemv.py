@@ -431,10 +431,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, gel
          out: torch.Tensor | None = None, config: "GemvConfig | RowsConfig | None" = None) -> torch.Tensor:
     """``x (M, K) @ w (K, N) (+ bias) (then tanh-GELU)`` → ``(M, N)`` in ``x``'s dtype (or into
     ``out``, rows contiguous), fp32 accumulation. One launch with ``split == 1``, two otherwise
-    (partials, then :func:`splitk_reduce`). ``config``: default :func:`plan_gemv`'s rule."""
+    (partials, then :func:`splitk_reduce`). ``config``: by default :func:`plan_gemv`'s choice, or
+    :func:`default_config`'s where that would be cuBLAS."""
     M, K, N = _check(x, w)
     if config is None:
-        config = default_config(M, K, N, w.stride(0) == 1)
+        kc = w.stride(0) == 1
+        config = plan_gemv(M, K, N, kc) or default_config(M, K, N, kc)
     if out is None:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     elif out.shape != (M, N) or out.stride(1) != 1:
