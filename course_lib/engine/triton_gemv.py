@@ -7,19 +7,21 @@ kernels for matmuls, and at one row streams these 5-20 MB matrices at ~1-2.4 TB/
 
 Two kernels, both reading ``W`` as a ``(K, N)`` view of any strides:
 
-* **the row kernel** (:class:`RowsConfig`, one or two token rows) for weights stored K-contiguous
-  (``W.T`` row-major, the ``nn.Linear`` layout, which the engine gives every projection; the LM
-  head ``wte.t()`` already is): a program takes ``block_n`` whole weight rows, loads all of them
-  in one go *before* it waits for the kernel ahead (programmatic dependent launch, pdl.py), then
-  takes the dot products with the token rows. The loads of the next product stream while the one
-  ahead finishes: GPT-2 XL's weight products for one token back to back take 1.01 ms (3.1 TB/s)
-  against cuBLAS's 1.63 ms (benchmarks/probe_gemv_rows.py on an H200).
+* **the row kernel** (:class:`RowsConfig`) for weights stored K-contiguous (``W.T`` row-major, the
+  ``nn.Linear`` layout, which the engine gives every projection; the LM head ``wte.t()`` already
+  is): a program takes ``block_n`` whole weight rows (or their ``1/split`` share of K), loads all
+  of them in one go *before* it waits for the kernel ahead (programmatic dependent launch,
+  pdl.py), then takes the dot products with the token rows: one or two rows a multiply-and-sum
+  each on the CUDA cores, more rows ``tl.dot`` on tiles of 16-64 rows (``use_dot``). The loads of
+  the next product stream while the one ahead finishes: GPT-2 XL's weight products for one token
+  back to back take 1.01 ms (3.1 TB/s) against cuBLAS's 1.63 ms (benchmarks/probe_gemv_rows.py on
+  an H200).
 * **the tile kernel** (:class:`GemvConfig`, up to :data:`GEMV_MAX_ROWS` rows): a program takes a
   ``BLOCK_N``-column slice of ``W`` and a ``1/split`` share of its K rows (**split-K**), with an fp32
   accumulator of ``(BLOCK_M, BLOCK_N)``: for one row a multiply-and-sum on the CUDA cores, for
   several rows ``tl.dot`` on tiles of 16 rows, padded (tensor cores; the padding costs no memory
-  traffic; more than 16 rows take more row tiles, a third grid axis). It serves the LM head and the
-  small projections at 3-8 rows, where it beats cuBLAS.
+  traffic; more than 16 rows take more row tiles, a third grid axis). It serves the LM heads at
+  3-32 rows (4x cuBLAS at 8 rows) and shapes the table lacks.
 
 With one split the bias and GELU are applied in the epilogue and the result is written in the
 input's dtype; with ``split > 1`` each program writes an fp32 partial ``(split, M, N)`` that a
