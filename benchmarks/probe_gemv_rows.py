@@ -74,9 +74,34 @@ def row_configs(K: int, N: int) -> list[G.RowsConfig]:
     return out
 
 
-def weights(K, N, copies):
-    nk = [torch.randn(N, K, device=DEV, dtype=DT) * 0.02 for _ in range(copies)]      # (N, K) rows
-    return nk, [w.t().contiguous() for w in nk]                                       # and (K, N)
+def weights(K, N):
+    """Distinct (N, K) weight copies, enough that L2 holds none (an LM head: one matrix of 77-161 MB,
+    three times), and the products' bias (None for a head, which has none)."""
+    head = N > 10000
+    if head:
+        nk = [torch.randn(N, K, device=DEV, dtype=DT) * 0.02] * 3
+    else:
+        nk = [torch.randn(N, K, device=DEV, dtype=DT) * 0.02 for _ in range(max(2, min(64, (600 << 20) // (K * N * 2))))]
+    return nk, None if head else torch.zeros(N, device=DEV, dtype=DT)
+
+
+#: the tile-kernel configs bench_kernels.py's sweep found best for the LM heads at 1-32 rows
+HEAD_TILES = [G.GemvConfig(block_n=64, block_k=128, split=1, num_warps=4, use_dot=True),
+              G.GemvConfig(block_n=64, block_k=64, split=1, num_warps=4, use_dot=True),
+              G.GemvConfig(block_n=128, block_k=64, split=1, num_warps=8, use_dot=True),
+              G.GemvConfig(block_n=256, block_k=64, split=1, num_warps=8, use_dot=True)]
+
+
+def head_tile(K, N):
+    """The engine's tile kernel for an LM head (triton_gemv's table, at 8 rows)."""
+    return G.plan_gemv(8, K, N, k_contiguous=True)
+
+
+def cublas_nk_s(x, b, nk, outs) -> float:
+    """Seconds a call of cuBLAS on the K-contiguous weights (``x @ w.T``)."""
+    if b is None:
+        return per_call([lambda w=w, o=o: torch.mm(x, w.t(), out=o) for w, o in zip(nk, outs)])
+    return per_call([lambda w=w, o=o: torch.addmm(b, x, w.t(), out=o) for w, o in zip(nk, outs)])
 
 
 def per_call(fns) -> float:
@@ -118,17 +143,15 @@ def shapes_part():
     for model, shapes in SHAPES.items():
         for K, N in shapes:
             head = N > 10000
-            copies = max(2, min(64, (600 << 20) // (K * N * 2)))
-            nk, kn = weights(K, N, 1 if head else copies)
-            if head:
-                nk, kn = nk * 3, kn * 3            # 161 MB each: three passes of one matrix already exceed L2 thrice
+            nk, _ = weights(K, N)
+            kn = [nk[0].t().contiguous()] * 3 if head else [w.t().contiguous() for w in nk]   # the Conv1D layout, (K, N)
             b = torch.zeros(N, device=DEV, dtype=DT)
             x = torch.randn(1, K, device=DEV, dtype=DT)
             outs = [torch.empty(1, N, device=DEV, dtype=DT) for _ in nk]
             row = {"model": model, "K": K, "N": N, "bytes": K * N * 2}
             row["cublas_kn_s"] = per_call([lambda w=w, o=o: torch.addmm(b, x, w, out=o) for w, o in zip(kn, outs)])
             row["cublas_nk_s"] = per_call([lambda w=w, o=o: torch.addmm(b, x, w.t(), out=o) for w, o in zip(nk, outs)])
-            tile = G.MEASURED.get((K, N, True, 8)) if head else G.default_config(1, K, N, False)
+            tile = head_tile(K, N) if head else G.default_config(1, K, N, False)
             src = [w.t() for w in nk] if head else kn          # the tile kernel on the layout it had
             row["tile"] = tile.__dict__
             row["tile_s"] = per_call([lambda w=w, o=o: G.gemv(x, w, b, out=o, config=tile) for w, o in zip(src, outs)])
@@ -191,7 +214,7 @@ def chain_part(best):
 
         def tile(layer, j, y):
             if layer is None:
-                return G.gemv(y, head.t(), config=G.MEASURED[(KL, NL, True, 8)])
+                return G.gemv(y, head.t(), config=head_tile(KL, NL))
             w = kn[layer][j]
             return G.gemv(y[:, :w.shape[0]], w, bs[j], config=G.default_config(1, w.shape[0], w.shape[1], False))
 
@@ -239,22 +262,18 @@ def rows_m_part():
     (one multiply-and-sum pass a row), the tile kernel's default and its one-trip (PDL) tiles."""
     for model, shapes in SHAPES.items():
         for K, N in shapes:
-            head = N > 10000
-            copies = 3 if head else max(2, min(64, (600 << 20) // (K * N * 2)))
-            one = torch.randn(N, K, device=DEV, dtype=DT) * 0.02
-            nk = [one] * 3 if head else [torch.randn(N, K, device=DEV, dtype=DT) * 0.02 for _ in range(copies)]
-            b = None if head else torch.zeros(N, device=DEV, dtype=DT)
+            nk, b = weights(K, N)
+            head = b is None
             for M in (2, 4, 8, 16):
                 x = torch.randn(M, K, device=DEV, dtype=DT)
                 outs = [torch.empty(M, N, device=DEV, dtype=DT) for _ in nk]
                 row = {"model": model, "K": K, "N": N, "M": M}
-                row["cublas_nk_s"] = per_call([(lambda w=w, o=o: torch.addmm(b, x, w.t(), out=o)) if b is not None
-                                               else (lambda w=w, o=o: torch.mm(x, w.t(), out=o)) for w, o in zip(nk, outs)])
+                row["cublas_nk_s"] = cublas_nk_s(x, b, nk, outs)
                 variants = {"rows": G.rows_config(K, N), "tile_default": G.default_config(M, K, N, True)}
                 if not head:     # one trip a program: all its weights loaded before the PDL wait
                     variants["tile_pdl"] = G.GemvConfig(block_n=64, block_k=128, split=triton.cdiv(K, 128), use_dot=M > 1)
                 else:
-                    variants["tile_plan"] = G.MEASURED[(K, N, True, 8)]
+                    variants["tile_plan"] = head_tile(K, N)
                 saved = G.ROWS_MAX_M
                 G.ROWS_MAX_M = 16
                 try:
@@ -271,7 +290,7 @@ def rows_m_part():
                 RES["rows_m"].append(row)
                 log(f"M={M} {model} {K}->{N}: " + ", ".join(f"{k[:-2]} {v * 1e6:.1f} us" for k, v in row.items()
                                                            if k.endswith("_s")))
-            del nk, one
+            del nk
             torch.cuda.empty_cache()
 
 
@@ -294,22 +313,16 @@ def rows_dot_part():
     table = {}
     for model, shapes in SHAPES.items():
         for K, N in shapes:
-            head = N > 10000
-            copies = 3 if head else max(2, min(64, (600 << 20) // (K * N * 2)))
-            one = torch.randn(N, K, device=DEV, dtype=DT) * 0.02
-            nk = [one] * 3 if head else [torch.randn(N, K, device=DEV, dtype=DT) * 0.02 for _ in range(copies)]
-            b = None if head else torch.zeros(N, device=DEV, dtype=DT)
+            nk, b = weights(K, N)
             for M in (4, 8, 16, 32):
                 x = torch.randn(M, K, device=DEV, dtype=DT)
                 ref = x.float() @ nk[0].float().t() + (b.float() if b is not None else 0)
                 outs = [torch.empty(M, N, device=DEV, dtype=DT) for _ in nk]
                 row = {"model": model, "K": K, "N": N, "M": M, "ours": []}
-                row["cublas_s"] = per_call([(lambda w=w, o=o: torch.addmm(b, x, w.t(), out=o)) if b is not None
-                                            else (lambda w=w, o=o: torch.mm(x, w.t(), out=o)) for w, o in zip(nk, outs)])
+                row["cublas_s"] = cublas_nk_s(x, b, nk, outs)
                 cands = dot_configs(K, N) + [G.default_config(M, K, N, True)]
-                if (K, N, True, 8) in G.MEASURED and G.MEASURED[(K, N, True, 8)] is not None:
-                    cands.append(G.MEASURED[(K, N, True, 8)])
-                    cands.append(G.MEASURED[(K, N, True, 32)])
+                if b is None:                                 # an LM head: bench_kernels.py's tiles for it
+                    cands += HEAD_TILES
                 best, best_t = None, row["cublas_s"]
                 for cfg in cands:
                     try:
@@ -330,7 +343,7 @@ def rows_dot_part():
                 table[(K, N, True, M)] = best
                 RES["rows_dot"].append(row)
                 log(f"M={M} {model} {K}->{N}: cuBLAS {row['cublas_s'] * 1e6:.1f} us | best {best_t * 1e6:.1f} us {best}")
-            del nk, one
+            del nk
             torch.cuda.empty_cache()
     RES["table"] = {repr(k): repr(v) for k, v in table.items()}
     return table
