@@ -2,13 +2,16 @@
 
     python benchmarks/profile_steps.py --out DIR          # GPT-2 124M and XL shapes, random weights, bf16
 
-For each model: one prefill step (B1 × 1024 tokens) and decode steps (B1 and B32, context 512),
+For each model: prefill steps (B1 and B8 × 1024 tokens) and decode steps (B1 and B32, context 512),
 profiled with torch.profiler (CUDA activity) around ``engine.step()`` calls marked with
 ``record_function``. Per step it reports the wall time, the number of CUDA kernels, the GPU time of
 each kernel class (matmuls, attention, LayerNorm, element-wise, sampling, copies, other) and the
 GPU's idle time: the wall time less the union of the kernels' busy intervals (a graph replay's
-kernels can overlap; each instant is counted once). Writes ``<date>_<device>_step_profile.json``
-and ``.md``. Needs CUDA.
+kernels can overlap; each instant is counted once), and the kernels that took the most GPU time.
+With programmatic dependent launch a kernel's interval includes its wait for the one ahead, so
+the per-class times overlap and add up to more than the busy time; ``COURSE_PDL=0`` gives
+class times that do not (``--tag nopdl`` names that run's files). Writes
+``<date>_<device>_step_profile[_<tag>].json`` and ``.md``. Needs CUDA.
 """
 
 from __future__ import annotations
@@ -91,8 +94,11 @@ def profile_steps(llm, prompts, max_tokens: int, skip: int, steps: int) -> list[
             c = kernel_class(k.name)
             per_class[c] = per_class.get(c, 0.0) + (k.time_range.end - k.time_range.start)
         busy = busy_time([(k.time_range.start, k.time_range.end) for k in inside], a, b)
+        per_name: dict[str, float] = {}
+        for k in inside:
+            per_name[k.name] = per_name.get(k.name, 0.0) + (k.time_range.end - k.time_range.start)
         rows.append({"wall_us": b - a, "kernels": len(inside), "busy_us": busy, "idle_us": (b - a) - busy,
-                     "class_us": per_class})
+                     "class_us": per_class, "name_us": per_name})
     return rows
 
 
@@ -103,7 +109,10 @@ def summarise(rows: list[dict]) -> dict:
     return {"steps": len(rows), "wall_us": med([r["wall_us"] for r in rows]),
             "kernels": med([r["kernels"] for r in rows]), "busy_us": med([r["busy_us"] for r in rows]),
             "idle_us": med([r["idle_us"] for r in rows]),
-            "class_us": {c: med([r["class_us"].get(c, 0.0) for r in rows]) for c in classes}}
+            "class_us": {c: med([r["class_us"].get(c, 0.0) for r in rows]) for c in classes},
+            "top_kernels_us": dict(sorted(((n, med([r["name_us"].get(n, 0.0) for r in rows]))
+                                           for n in {n for r in rows for n in r["name_us"]}),
+                                          key=lambda kv: -kv[1])[:12])}
 
 
 def main() -> int:
@@ -111,25 +120,30 @@ def main() -> int:
     p.add_argument("--models", default="gpt2,gpt2-xl")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--steps", type=int, default=8, help="decode steps profiled per case")
+    p.add_argument("--tag", default="", help="suffix of the output files' names (e.g. nopdl)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("profile_steps needs a CUDA GPU")
         return 1
     device, dtype = torch.device("cuda"), torch.bfloat16
     name = torch.cuda.get_device_name(device)
-    result = {"device": name, "torch": torch.__version__, "date": dt.date.today().isoformat(), "cases": []}
-    lines = [f"Engine steps on {name} (torch {torch.__version__}, bf16, random weights, CUDA graphs on): "
+    from course_lib.engine.pdl import pdl_enabled
+    result = {"device": name, "torch": torch.__version__, "date": dt.date.today().isoformat(),
+              "pdl": pdl_enabled(device), "cases": []}
+    lines = [f"Engine steps on {name} (torch {torch.__version__}, bf16, random weights, CUDA graphs on, "
+             f"PDL {'on' if result['pdl'] else 'off'}): "
              "medians over the profiled steps", "",
              "| model | step | wall µs | kernels | GPU busy µs | GPU idle µs | matmul | attention | layernorm | "
              "element-wise | copy / cache write | sampling | other |", "|" + "---|" * 13]
     for shape in a.models.split(","):
         model = B.random_gpt(shape, device, dtype, seed=0)
         V = model.config.vocab_size
-        llm = LLM(model, device=device, dtype=dtype, max_num_batched_tokens=2048, max_num_seqs=64,
-                  num_kv_blocks=4096)
+        llm = LLM(model, device=device, dtype=dtype, max_num_batched_tokens=8192, max_num_seqs=64,
+                  num_kv_blocks=4096)             # bench_engine's step budget: 8 x 1024 tokens in one step
         cfg = llm.engine.config
         llm.generate(B.random_prompts(4, (32, 64), V, seed=1), SamplingParams(max_tokens=4, ignore_eos=True))   # warm
         cases = [("prefill B1×1024", B.random_prompts(1, (1024, 1024), V, seed=2), 2, 0, 1),
+                 ("prefill B8×1024", B.random_prompts(8, (1024, 1024), V, seed=5), 2, 0, 1),
                  ("decode B1 ctx 512", B.random_prompts(1, (512, 512), V, seed=3), a.steps + 4, 2, a.steps),
                  ("decode B32 ctx 512", B.random_prompts(32, (512, 512), V, seed=4), a.steps + 4, 2, a.steps)]
         for label, prompts, max_tokens, skip, steps in cases:
@@ -146,10 +160,14 @@ def main() -> int:
         llm.shutdown()
         del llm, model
         torch.cuda.empty_cache()
+    lines += ["", "The kernels with the most GPU time a step (µs, median over the profiled steps):", ""]
+    for s in result["cases"]:
+        top = "; ".join(f"{n[:60]} {us:.0f}" for n, us in list(s["top_kernels_us"].items())[:8])
+        lines.append(f"* {s['model']} {s['step']}: {top}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-    stem = out / f"{result['date']}_{slug}_step_profile"
+    stem = out / f"{result['date']}_{slug}_step_profile{'_' + a.tag if a.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

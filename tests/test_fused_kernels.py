@@ -113,6 +113,53 @@ except InputError:
     pass
 print("rows ok", n)
 
+# the row kernel with its neighbours folded in (gemv_fused): the LayerNorm of its input rows, the
+# residual add, the K/V write into the paged pool; on the CUDA cores (1-2 rows) and tensor cores
+from course_lib.engine.triton_gemv import KVWrite, gemv_fused
+for dtype in (torch.float32, torch.bfloat16):
+    for M, K, cfg in ((1, 48, RowsConfig(block_n=16)), (2, 100, RowsConfig(block_n=64)),
+                      (5, 48, RowsConfig(block_n=16, use_dot=True)), (20, 100, RowsConfig(block_n=32, use_dot=True))):
+        H, Dh, bs, blocks = 2, 8, 4, 6
+        row = H * Dh
+        N = 3 * row + 5                       # q, k, v and a few columns past them
+        x = torch.randn(M, K, dtype=dtype)
+        w = (torch.randn(N, K) / K ** 0.5).to(dtype).t()
+        b = torch.randn(N, dtype=dtype)
+        ln = torch.nn.LayerNorm(K, dtype=dtype)
+        ln.weight.data.normal_(); ln.bias.data.normal_()
+        # the LayerNorm only on the CUDA cores (one or two rows); the tensor-core path takes h itself
+        norm = None if cfg.use_dot else ln
+        h = F.layer_norm(x.float(), (K,), ln.weight.float(), ln.bias.float(), ln.eps).to(dtype)
+        x_in = h if cfg.use_dot else x
+        h = h.float()
+        close(gemv_fused(x_in, w, b, cfg, ln=norm, gelu=True), F.gelu(h @ w.float() + b.float(), approximate="tanh"),
+              dtype, ("fused ln + gelu", M, K, cfg))
+        res = torch.randn(M, N, dtype=dtype)
+        close(gemv_fused(x, w, b, cfg, residual=res), res.float() + (x.float() @ w.float() + b.float()), dtype,
+              ("fused residual", M, K, cfg))
+        k_pool, v_pool = torch.zeros(blocks, bs, H, Dh, dtype=dtype), torch.zeros(blocks, bs, H, Dh, dtype=dtype)
+        slots = torch.randperm(blocks * bs)[:M]
+        y = gemv_fused(x_in, w, b, cfg, ln=norm, kv_write=KVWrite(k_pool, v_pool, slots, start=row))
+        close(y, h @ w.float() + b.float(), dtype, ("fused ln + kv write", M, K, cfg))
+        assert torch.equal(k_pool.view(-1, row)[slots], y[:, row:2 * row]), ("keys written", M, cfg)
+        assert torch.equal(v_pool.view(-1, row)[slots], y[:, 2 * row:3 * row]), ("values written", M, cfg)
+        others = torch.ones(blocks * bs, dtype=torch.bool)
+        others[slots] = False
+        assert not k_pool.view(-1, row)[others].any() and not v_pool.view(-1, row)[others].any(), "other slots written"
+        n += 3
+x, w = torch.randn(1, 64), torch.randn(8, 64).t()
+for bad in (lambda: gemv_fused(x, w, None, RowsConfig(block_n=8, split=2), ln=torch.nn.LayerNorm(64)),   # K split
+            lambda: gemv_fused(x, w, None, RowsConfig(block_n=16, use_dot=True), ln=torch.nn.LayerNorm(64)),
+            lambda: gemv_fused(x, w, None, RowsConfig(block_n=8), residual=torch.randn(2, 8)),
+            lambda: gemv_fused(x, w, None, RowsConfig(block_n=8),
+                               kv_write=KVWrite(torch.zeros(2, 4, 1, 4), torch.zeros(2, 4, 1, 4), torch.zeros(1, dtype=torch.long), 6))):
+    try:
+        bad()
+        raise SystemExit("bad gemv_fused input accepted")
+    except InputError:
+        pass
+print("fused rows ok", n)
+
 for dtype in (torch.float32, torch.bfloat16):
     for D, rows in ((48, 5), (100, 3)):                          # D = 100: not a power of two
         ln = torch.nn.LayerNorm(D, dtype=dtype)
@@ -186,6 +233,18 @@ import course_lib.engine.fused_forward as ff
 ff.add_layernorm = broken
 got = [o.token_ids for o in LLM(model, fused_kernels=True, **kw).generate(prompts, p)]
 assert got != want
+ff.add_layernorm = orig
+
+# teeth for the one-row decode layer: a QKV product that forgets its fused K/V write leaves the
+# pool without the decoded tokens' keys, and the one-row decode goes wrong
+fused = ff.gemv_fused
+calls = []
+def no_kv_write(*a, kv_write=None, **k):
+    calls.append(kv_write is not None)
+    return fused(*a, **k)
+ff.gemv_fused = no_kv_write
+got = [o.token_ids for o in LLM(model, fused_kernels=True, **kw).generate(prompts[:1], p)]
+assert any(calls) and got != want[:1]
 print("sabotage caught")
 """
 

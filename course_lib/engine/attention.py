@@ -142,7 +142,6 @@ class TritonMetadata:
     num_tiles: torch.Tensor        # (1,) live tiles; programs past it exit
     grid: int                      # programs launched along the tile axis (>= live tiles)
     block_m: int                   # query rows per tile
-    padded: bool                   # rows past the live ones exist (a captured step): zero their output
 
 
 #: SMs assumed where there are none (the Triton interpreter on a CPU): an H200's, so an interpreted
@@ -185,19 +184,21 @@ class TritonAttention:
         return {"block_tables": flat.block_tables, **flat.tiles[block_m]}
 
     def metadata(self, flat: FlatBatch | None, views: dict[str, torch.Tensor], dtype=None, block_size=None,
-                 grid: int | None = None, block_m: int | None = None, padded: bool = False) -> TritonMetadata:
+                 grid: int | None = None, block_m: int | None = None) -> TritonMetadata:
         """Eager steps: from ``flat``; a captured step graph: its static buffers, ``grid`` and ``block_m``."""
         if flat is not None:
             grid, block_m = len(views["tile_seq"]), tile_rows_for(flat.num_tokens)
         return TritonMetadata(block_tables=views["block_tables"], context_lens=views["context_lens"],
                               query_start=views["query_start"], tile_seq=views["tile_seq"],
                               tile_row=views["tile_row"], num_tiles=views["num_tiles"], grid=grid,
-                              block_m=block_m, padded=padded)
+                              block_m=block_m)
 
     def forward(self, q, k, v, kv: PagedKVCache, layer: int, meta: TritonMetadata) -> torch.Tensor:
         from .triton_unified import unified_attention
 
-        out = torch.zeros_like(q) if meta.padded else torch.empty_like(q)                # (N, H, Dh)
+        # rows that belong to no tile (a captured step's padding) keep whatever the buffer held: every
+        # later kernel is row by row, their K/V go to the null block, whose keys no tile loads
+        out = torch.empty_like(q)                                                        # (N, H, Dh)
         return unified_attention(q, kv.k[layer], kv.v[layer], meta.block_tables, meta.context_lens,
                                  meta.query_start, meta.tile_seq, meta.tile_row, meta.num_tiles, meta.grid,
                                  meta.block_m, out=out, num_splits=self.num_splits(meta, q.shape[1], q.device))

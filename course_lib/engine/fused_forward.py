@@ -1,13 +1,14 @@
 """The runner's forward with fused kernels (CUDA, attention="triton"): the same math as
 :meth:`ModelRunner.forward <course_lib.engine.runner.ModelRunner.forward>`, fewer launches.
 
-Which kernel does what, per layer (reference lines on the left)::
+Which kernel does what, per layer (reference lines on the left), for many rows (prefill; cuBLAS
+products)::
 
     h = ln_1(x)                      embed_layernorm (layer 0: wte + wpe + ln_1), else the
                                      previous layer's add_layernorm
     qkv = c_attn(h)                  linear: our GEMV (few rows) or cuBLAS addmm
-    kv.write(k, v)                   triton_cache_write (unchanged)
-    o = attention(q, k, v)           triton_unified (unchanged)
+    kv.write(k, v)                   triton_cache_write
+    o = attention(q, k, v)           triton_unified
     x = x + c_proj(o); h = ln_2(x)   projection (GEMV split-K partials, or cuBLAS mm) summed with
                                      its bias and the residual inside add_layernorm: one kernel
     f = gelu(c_fc(h))                linear with the GELU in the GEMV's epilogue (or in cuBLASLt's
@@ -15,6 +16,19 @@ Which kernel does what, per layer (reference lines on the left)::
     x = x + c_proj(f); h = ln(x)     projection + add_layernorm with the next layer's ln_1; after
                                      the last layer with ln_f on the logit rows only
     logits = h @ wte.T               linear into the shared logits buffer
+
+and where a product runs as the row kernel in one split (:func:`FusedForward.fused_plan`: decode
+steps of one or two rows, and the products that one split serves at 3-32 rows), its neighbours
+move into it (triton_gemv.gemv_fused), so a one-row layer is four kernels besides the attention::
+
+    qkv = c_attn(ln_1(x)); kv.write  the LayerNorm computed by every program from the whole row,
+                                     the key and value columns stored into the pool as well
+    x = x + c_proj(o)                the residual added in the epilogue
+    f = gelu(c_fc(ln_2(x)))          LayerNorm, product, bias, GELU
+    x = x + c_proj(f)                the residual again
+
+The LM head is ``wte`` padded with zero rows to a multiple of 64 (:func:`padded_vocab`), so the
+logits rows are aligned for cuBLAS; the columns past the vocabulary are never read.
 
 The four projections of every layer are stored K-contiguous (``W.T`` row-major) when the fused
 forward is built, so that a decode GEMV reads whole weight rows (triton_gemv.py's row kernel).
@@ -29,9 +43,15 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from ..model import gelu
 from .triton_fused import add_layernorm, bias_gelu, embed_layernorm
-from .triton_gemv import gemv, gemv_partials, plan_gemv
+from .triton_gemv import KVWrite, fusable, gemv, gemv_fused, gemv_partials, plan_gemv
+
+
+def padded_vocab(V: int) -> int:
+    """The logits' width for a vocabulary of ``V``: the next multiple of 64."""
+    return -(-V // 64) * 64
 
 
 class FusedForward:
@@ -49,6 +69,19 @@ class FusedForward:
             for lin in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
                 if lin.weight.stride(0) != 1:
                     lin.weight.data = lin.weight.data.t().contiguous().t()
+        # the LM head (tied to wte) padded with zero rows to a multiple of 64 tokens: cuBLAS's fast
+        # kernels need the logits' width aligned; GPT-2's 50,257 is odd, and on an H200 its fallback
+        # kernel took 155 us for 64 rows of the 124M head at prefill
+        # (benchmarks/results/2026-12-02_nvidia-h200_step_profile_fused.md). wte becomes a view of its
+        # first V rows: same values, one copy; the pad columns of the logits are never read.
+        wte = self.model.transformer.wte.weight
+        V, D = wte.shape
+        width = padded_vocab(V)
+        if width != V:
+            head = torch.zeros(width, D, dtype=wte.dtype, device=wte.device)
+            head[:V] = wte.data
+            wte.data = head[:V]
+        self.head = wte.data if width == V else head     # (width, D)
 
     def plan(self, M: int, w: torch.Tensor):
         key = (M, tuple(w.shape), w.stride(0) == 1)
@@ -86,23 +119,65 @@ class FusedForward:
             return torch.mm(x, layer.weight), layer.bias
         return gemv_partials(x, layer.weight, config), layer.bias
 
+    def fused_plan(self, M: int, lin, ln: bool = False):
+        """The row kernel's config for ``lin`` at ``M`` rows when it can take its neighbours in
+        (gemv_fused: one split, one rank), else ``None``. ``ln``: the LayerNorm before it too,
+        which only the one- or two-row kernel takes (on the tensor cores every program would
+        normalise a whole (rows, K) tile in fp32 registers: at 32 rows the GPT-2 124M step was
+        0.55 ms a replay with a separate LayerNorm and 0.60 with it fused, on an H200)."""
+        config = self.plan(M, lin.weight)
+        if self.runner.tp is not None or not fusable(config, lin.weight.shape[0]) or (ln and config.use_dot):
+            return None
+        return config
+
     @torch.inference_mode()
     def forward(self, b, logits_out: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``(R, V)`` for the rows in ``b.logits_indices``; writes every new token's K/V."""
+        """Logits ``(R, V)`` for the rows in ``b.logits_indices``; writes every new token's K/V.
+
+        The residual stream is ``x`` plus ``pending``, a projection's ``(delta, delta_bias)`` not
+        added in yet (add_layernorm adds it with the next LayerNorm); ``h`` is that LayerNorm when
+        it has been computed. A product that gemv_fused can run takes its LayerNorm, residual add
+        and K/V write in itself instead."""
         runner, tr = self.runner, self.model.transformer
         N = b.input_ids.shape[0]
         H, Dh = runner.kv.num_heads, runner.config.head_dim
         x, h = embed_layernorm(runner.token_ids(b), b.positions, tr.wte.weight, tr.wpe.weight, tr.h[0].ln_1)  # (N, D)
-        last = len(tr.h) - 1
+        pending = None
         for layer, block in enumerate(tr.h):
-            qkv = self.linear(h, block.attn.c_attn.weight, block.attn.c_attn.bias)        # (N, 3 H Dh)
+            attn, mlp = block.attn, block.mlp
+            fused = self.fused_plan(N, attn.c_attn)
+            kv = KVWrite(runner.kv.k[layer], runner.kv.v[layer], b.slot_mapping, H * Dh) if fused is not None else None
+            if pending is None and self.fused_plan(N, attn.c_attn, ln=True) is not None:   # LN + QKV + K/V write
+                qkv = gemv_fused(x, attn.c_attn.weight, attn.c_attn.bias, fused, ln=block.ln_1, kv_write=kv)
+            else:
+                if h is None:
+                    x, h = add_layernorm(x, block.ln_1, *(pending or ()))
+                qkv = gemv_fused(h, attn.c_attn.weight, attn.c_attn.bias, fused, kv_write=kv) if fused is not None \
+                    else self.linear(h, attn.c_attn.weight, attn.c_attn.bias)             # (N, 3 H Dh)
             q, k, v = (t.view(N, H, Dh) for t in qkv.split(H * Dh, dim=-1))             # (N, H, Dh)
-            runner.kv.write(layer, k, v, b.slot_mapping)
-            o = runner.attention.forward(q, k, v, runner.kv, layer, b.attention)          # (N, H, Dh)
-            x, h = add_layernorm(x, block.ln_2, *self.projection(o.reshape(N, H * Dh), block.attn.c_proj))
-            f = self.linear(h, block.mlp.c_fc.weight, block.mlp.c_fc.bias, act=True)      # (N, F)
-            if layer < last:
-                x, h = add_layernorm(x, tr.h[layer + 1].ln_1, *self.projection(f, block.mlp.c_proj))
-            else:                                                                          # (R, D): ln_f of the logit rows
-                _, h = add_layernorm(x, tr.ln_f, *self.projection(f, block.mlp.c_proj), rows=b.logits_indices)
-        return self.linear(h, self.model.lm_head.weight.t(), out=logits_out)              # (R, V)
+            if kv is None:
+                runner.kv.write(layer, k, v, b.slot_mapping)
+            o = runner.attention.forward(q, k, v, runner.kv, layer, b.attention).reshape(N, H * Dh)  # (N, D)
+            x, pending = self.add_projection(x, o, attn.c_proj)
+            fused = self.fused_plan(N, mlp.c_fc, ln=True)
+            if fused is not None and pending is None and self.tanh_gelu:                   # LN + c_fc + GELU
+                f = gemv_fused(x, mlp.c_fc.weight, mlp.c_fc.bias, fused, ln=block.ln_2, gelu=True)
+            else:
+                x, h = add_layernorm(x, block.ln_2, *(pending or ()))
+                f = self.linear(h, mlp.c_fc.weight, mlp.c_fc.bias, act=True)                      # (N, F)
+            x, pending = self.add_projection(x, f, mlp.c_proj)
+            h = None
+        _, h = add_layernorm(x, tr.ln_f, *(pending or ()), rows=b.logits_indices)         # (R, D): the logit rows
+        V = self.model.config.vocab_size
+        if logits_out is not None and logits_out.shape[1] != self.head.shape[0]:
+            raise InputError(f"logits_out must be {self.head.shape[0]} wide (runner.logits_width), got "
+                             f"{tuple(logits_out.shape)}")
+        return self.linear(h, self.head.t(), out=logits_out)[:, :V]                     # (R, V) of (R, width)
+
+    def add_projection(self, x: torch.Tensor, inp: torch.Tensor, lin):
+        """The residual stream after ``x + lin(inp)``: ``(x_new, None)`` when gemv_fused adds it in
+        its epilogue, else ``(x, pending)`` for the next add_layernorm."""
+        fused = self.fused_plan(inp.shape[0], lin)
+        if fused is not None:
+            return gemv_fused(inp, lin.weight, lin.bias, fused, residual=x), None
+        return x, self.projection(inp, lin)

@@ -85,6 +85,11 @@ class ModelRunner:
         # a captured step graph (a fixed address). Sized by build_runner (max_num_seqs rows).
         self.sampled_tokens = torch.zeros(1, dtype=torch.long, device=self.device)
 
+    @property
+    def logits_width(self) -> int:
+        """Columns of a ``logits_out`` buffer: the vocabulary, padded for the fused forward's head."""
+        return self.fused.head.shape[0] if self.fused is not None else self.config.vocab_size
+
     def keep_sampled(self, tokens: torch.Tensor) -> None:
         """Keep the step's sampled tokens ``(R,)`` on the device for the next step's decode rows."""
         self.sampled_tokens[:tokens.shape[0]].copy_(tokens)
@@ -122,7 +127,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, b: DeviceBatch, logits_out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(R, V)`` for the rows in ``b.logits_indices``; writes every new token's K/V.
-        ``logits_out`` (R, V): write them there (the step graphs share one logits buffer)."""
+        ``logits_out`` (R, :attr:`logits_width`): write them there (the step graphs share one
+        logits buffer); the columns past V are the fused head's padding, never read."""
         if self.fused is not None:
             return self.fused.forward(b, logits_out)
         tr = self.model.transformer
@@ -138,8 +144,8 @@ class ModelRunner:
             x = x + self.all_reduce(block.attn.c_proj(o.reshape(N, H * Dh)))   # (N, D) summed over ranks
             x = x + self.all_reduce(self.mlp(block, block.ln_2(x)))
         x = tr.ln_f(x[b.logits_indices])                               # (R, D): only rows that sample
-        if logits_out is not None:
-            return torch.mm(x, self.model.lm_head.weight.t(), out=logits_out)   # (R, V)
+        if logits_out is not None:                                     # (R, logits_width): the first V columns
+            return torch.mm(x, self.model.lm_head.weight.t(), out=logits_out[:, :self.config.vocab_size])   # (R, V)
         return self.model.lm_head(x)                                   # (R, V)
 
 

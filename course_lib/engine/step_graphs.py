@@ -20,7 +20,9 @@ How. A graph replays *fixed* kernels on *fixed* addresses with *fixed* shapes, s
   ``feed_rows`` buffer (0: the id in ``input_ids``);
 * **padding**: token rows past the live ones have id 0, position 0 and write their K/V to slot 0,
   inside the null block (block_manager.NULL_BLOCK) that no request reads; they belong to no
-  attention tile; logit rows past the live ones point at row 0 and are dropped.
+  attention tile, so their attention output is never written (it holds whatever the memory held:
+  every later kernel works row by row, and no tile loads the null block's keys); logit rows past
+  the live ones point at row 0 and are dropped.
 
 All graphs are captured at start-up, largest bucket first, into one shared memory pool: each
 smaller graph reuses the largest one's activation memory, all of them write their logits into
@@ -133,10 +135,7 @@ class StepGraphs:
         from .runner import DeviceBatch
 
         v = buf.views
-        # a one-token bucket never holds padding (a step has at least one token, and that one row is
-        # live), so its attention output needs no zero-fill: one kernel less per layer at batch 1
-        meta = self.runner.attention.metadata(None, v, grid=buf.grid, block_m=buf.block_m,
-                                              padded=buf.num_tokens > 1)
+        meta = self.runner.attention.metadata(None, v, grid=buf.grid, block_m=buf.block_m)
         return DeviceBatch(v["input_ids"], v["positions"], v["slot_mapping"], v["logits_indices"], meta,
                            v["feed_rows"])
 
@@ -159,8 +158,8 @@ class StepGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         weight = self.runner.model.lm_head.weight
-        rows = max(buf.num_seqs for buf in self.buffers.values())
-        logits = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)   # (S_max, V)
+        rows, V = max(buf.num_seqs for buf in self.buffers.values()), weight.shape[0]
+        logits = torch.empty(rows, self.runner.logits_width, dtype=weight.dtype, device=weight.device)   # (S_max, width)
         for N in sorted(self.buffers, reverse=True):
             buf = self.buffers[N]
             batch = self.static_batch(buf)
@@ -171,8 +170,8 @@ class StepGraphs:
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.runner.forward(batch, logits_out=out)   # (S, V)
-            self.graphs[N] = (graph, out)
+                self.runner.forward(batch, logits_out=out)   # (S, width)
+            self.graphs[N] = (graph, out[:, :V])             # (S, V)
         torch.cuda.synchronize()
 
     def run(self, flat: FlatBatch) -> torch.Tensor | None:

@@ -108,8 +108,9 @@ def add_layernorm(x: torch.Tensor, ln: torch.nn.LayerNorm, delta: torch.Tensor |
     """``x + delta (+ delta_bias)`` and its LayerNorm ``ln`` in one launch.
 
     ``x`` (N, D); ``delta`` (N, D) in any float dtype or fp32 split-K partials (S, N, D), summed;
-    ``delta_bias`` (D,). Returns ``(x_new, h)`` both (N, D) in ``x``'s dtype; with ``rows`` (R,)
-    only those rows are read and only ``h`` (R, D) is returned (``x_new`` is None)."""
+    ``delta_bias`` (D,). Returns ``(x_new, h)`` both (N, D) in ``x``'s dtype (without ``delta``,
+    ``x_new`` is ``x`` itself: nothing to add, nothing written); with ``rows`` (R,) only those rows
+    are read and only ``h`` (R, D) is returned (``x_new`` is None)."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise InputError(f"add_layernorm needs x (N, D) with contiguous rows, got {tuple(x.shape)}")
     N, D = x.shape
@@ -121,9 +122,9 @@ def add_layernorm(x: torch.Tensor, ln: torch.nn.LayerNorm, delta: torch.Tensor |
                              f"got {tuple(delta.shape)}")
     R = N if rows is None else rows.shape[0]
     h = torch.empty(R, D, dtype=x.dtype, device=x.device)
-    x_new = torch.empty_like(x) if rows is None else None
+    x_new = torch.empty_like(x) if rows is None and delta is not None else None
     if R == 0:
-        return x_new, h
+        return x if rows is None and delta is None else x_new, h
     block = triton.next_power_of_2(D)
     _add_layernorm_kernel[(R,)](
         x, delta if delta is not None else x, delta_bias if delta_bias is not None else x,
@@ -133,7 +134,7 @@ def add_layernorm(x: torch.Tensor, ln: torch.nn.LayerNorm, delta: torch.Tensor |
         x_new.stride(0) if x_new is not None else 0, h.stride(0), SPLIT=delta.shape[0] if delta is not None else 0,
         HAS_DELTA=delta is not None, HAS_DBIAS=delta_bias is not None, GATHER=rows is not None,
         STORE_X=x_new is not None, BLOCK_D=block, num_warps=_warps(block), **_pdl(x))
-    return x_new, h
+    return x if rows is None and delta is None else x_new, h
 
 
 def embed_layernorm(input_ids: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor,

@@ -301,11 +301,49 @@ def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_ps, stride_p
 
 
 @triton.jit
+def _layernorm_rows(x, ok, D, w, b, eps):
+    """LayerNorm of every row of ``x`` (R, BLOCK) over its ``D`` columns marked by ``ok`` (BLOCK,),
+    with weight and bias ``w``, ``b`` (BLOCK,), all fp32; statistics in fp32."""
+    mean = tl.sum(x, axis=1) / D
+    centred = tl.where(ok[None, :], x - mean[:, None], 0.0)
+    var = tl.sum(centred * centred, axis=1) / D
+    return centred * (1.0 / tl.sqrt(var + eps))[:, None] * w[None, :] + b[None, :]
+
+
+@triton.jit
+def _rows_epilogue(y, rm, m_ok, rn, n_ok, bias, out_ptr, stride_om, res_ptr, stride_rm, slots_ptr, k_pool_ptr,
+                   v_pool_ptr, kv_start, kv_row, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                   RESIDUAL: tl.constexpr, KV_WRITE: tl.constexpr):
+    """Finish ``y`` (BLOCK_M, BLOCK_N), the products of token rows ``rm`` with weight rows ``rn``:
+    bias, GELU, the residual added, stored in the output's dtype; the key and value columns also
+    stored into their slots of the paged pool."""
+    ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        y += bias[None, :]
+    if GELU:
+        y = _gelu_tanh(y)
+    if RESIDUAL:            # the residual stream plus the projection, one rounding (as add_layernorm does)
+        y = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=ok, other=0.0).to(tl.float32) + y
+    y = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y, mask=ok)
+    if KV_WRITE:            # columns [kv_start, kv_start + kv_row) are the key, the next kv_row the value
+        slot = tl.load(slots_ptr + rm, mask=m_ok, other=0).to(tl.int64)
+        col = rn - kv_start
+        is_k = (col >= 0) & (col < kv_row)
+        is_v = (col >= kv_row) & (col < 2 * kv_row)
+        at = slot[:, None] * kv_row + tl.where(is_v, col - kv_row, col)[None, :]
+        tl.store(k_pool_ptr + at, y, mask=ok & is_k[None, :])
+        tl.store(v_pool_ptr + at, y, mask=ok & is_v[None, :])
+
+
+@triton.jit
 def _gemv_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split,
                       stride_xm, stride_wn, stride_om, stride_os,
+                      ln_w_ptr, ln_b_ptr, eps, res_ptr, stride_rm, slots_ptr, k_pool_ptr, v_pool_ptr, kv_start, kv_row,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, GELU: tl.constexpr, PARTIAL: tl.constexpr, USE_PDL: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, GELU: tl.constexpr, PARTIAL: tl.constexpr,
+                      LN: tl.constexpr, RESIDUAL: tl.constexpr, KV_WRITE: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_launch_next(USE_PDL)
     pid_s = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -317,8 +355,12 @@ def _gemv_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split,
     # wait — with PDL they stream in while the kernel ahead finishes; read once a step: evict first
     w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                 other=0.0, eviction_policy="evict_first")
+    bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    if LN:                  # one split: this program sees all K columns of x, enough for its LayerNorm
+        ln_w = tl.load(ln_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        ln_b = tl.load(ln_b_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
     pdl_wait(USE_PDL)
     if USE_DOT:         # a tile of BLOCK_M token rows against the weight rows, on the tensor cores
         rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -331,49 +373,81 @@ def _gemv_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split,
                 y = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
         else:
             y = tl.dot(x, tl.trans(w))                                                          # (BLOCK_M, BLOCK_N)
-        ok = m_ok[:, None] & n_ok[None, :]
         if PARTIAL:
-            tl.store(out_ptr + pid_s * stride_os + rm[:, None] * stride_om + rn[None, :], y, mask=ok)
+            tl.store(out_ptr + pid_s * stride_os + rm[:, None] * stride_om + rn[None, :], y,
+                     mask=m_ok[:, None] & n_ok[None, :])
         else:
-            if HAS_BIAS:
-                y += bias[None, :]
-            if GELU:
-                y = _gelu_tanh(y)
-            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+            _rows_epilogue(y, rm, m_ok, rn, n_ok, bias, out_ptr, stride_om, res_ptr, stride_rm, slots_ptr,
+                           k_pool_ptr, v_pool_ptr, kv_start, kv_row, HAS_BIAS, GELU, RESIDUAL, KV_WRITE)
     else:               # one or two rows: a multiply-and-sum each on the CUDA cores
         w = w.to(tl.float32)
         for m in tl.static_range(BLOCK_M):
             row_ok = m < M
             x = tl.load(x_ptr + m * stride_xm + k, mask=k_ok & row_ok, other=0.0).to(tl.float32)    # (BLOCK_K,)
+            if LN:      # rounded to the activations' dtype, as the LayerNorm's own output would be
+                x = tl.reshape(_layernorm_rows(x[None, :], k_ok, K, ln_w, ln_b, eps), (BLOCK_K,))
+                x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
             y = tl.sum(w * x[None, :], axis=1)                                                       # (BLOCK_N,)
             if PARTIAL:
                 tl.store(out_ptr + pid_s * stride_os + m * stride_om + rn, y, mask=n_ok & row_ok)
             else:
-                if HAS_BIAS:
-                    y += bias
-                if GELU:
-                    y = _gelu_tanh(y)
-                tl.store(out_ptr + m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=n_ok & row_ok)
+                rm = tl.full((1,), m, tl.int32)                                                      # (1,)
+                _rows_epilogue(y[None, :], rm, rm < M, rn, n_ok, bias, out_ptr, stride_om, res_ptr, stride_rm,
+                               slots_ptr, k_pool_ptr, v_pool_ptr, kv_start, kv_row, HAS_BIAS, GELU, RESIDUAL,
+                               KV_WRITE)
 
 
-def _launch_rows(x, w, bias, out, config: RowsConfig, gelu: bool, partial: bool) -> None:
+@dataclass(frozen=True)
+class KVWrite:
+    """Where the row kernel also stores a fused QKV product's keys and values: output columns
+    ``[start, start + row)`` are the key of each token row, the next ``row`` its value, written to
+    slot ``slot_mapping[m]`` of the pools (contiguous ``(blocks, block_size, H, Dh)``, ``row = H * Dh``)."""
+
+    k_pool: torch.Tensor
+    v_pool: torch.Tensor
+    slot_mapping: torch.Tensor
+    start: int
+
+
+def _launch_rows(x, w, bias, out, config: RowsConfig, gelu: bool, partial: bool, ln=None, residual=None,
+                 kv_write: KVWrite | None = None) -> None:
     M, K, N = x.shape[0], x.shape[1], w.shape[1]
     if w.stride(0) != 1 or (not config.use_dot and M > ROWS_MAX_M) or (config.use_dot and config.block_n < 16):
         raise InputError(f"the row GEMV takes K-contiguous weights (w.stride(0) == 1), at most {ROWS_MAX_M} rows "
                          f"without tensor cores and 16 or more columns a program with them; got {M} rows, "
                          f"w strides {w.stride()}, {config}")
+    fused = [name for name, given in (("ln", ln), ("residual", residual), ("kv_write", kv_write)) if given is not None]
+    if fused and (partial or config.num_splits(K) != 1):
+        raise InputError(f"{', '.join(fused)} need the whole product in one program's K: a config of one split, "
+                         f"got {config} for K = {K}")
+    if ln is not None and config.use_dot:
+        raise InputError("ln is taken by the one- or two-row kernel only (use_dot=False); run add_layernorm first")
+    if residual is not None and (residual.shape != (M, N) or residual.stride(1) != 1):
+        raise InputError(f"residual must be ({M}, {N}) with contiguous rows, got {tuple(residual.shape)}")
+    if kv_write is not None:
+        row = kv_write.k_pool[0].numel() // kv_write.k_pool.shape[1]
+        if (not (kv_write.k_pool.is_contiguous() and kv_write.v_pool.is_contiguous())
+                or kv_write.start + 2 * row > N or kv_write.slot_mapping.shape != (M,)):
+            raise InputError(f"kv_write needs contiguous pools, a slot per token row ({M}) and key and value "
+                             f"columns inside the {N} outputs; got start {kv_write.start}, rows of {row}")
     interp = _interpreting()
     pdl = pdl_enabled(x.device)
     fp32 = x.dtype == torch.float32 or w.dtype == torch.float32
     kps = config.k_per_split(K)
     block_m = min(max(16, triton.next_power_of_2(max(M, 1))), 64) if config.use_dot else triton.next_power_of_2(max(M, 1))
     grid = (triton.cdiv(N, config.block_n), config.num_splits(K), triton.cdiv(M, block_m))
+    kv = kv_write
     _gemv_rows_kernel[grid](
         x, w, bias if bias is not None else w, out, M, N, K, kps,
         x.stride(0), w.stride(1), out.stride(-2), out.stride(0) if partial else 0,
+        ln.weight if ln is not None else w, ln.bias if ln is not None else w, ln.eps if ln is not None else 0.0,
+        residual if residual is not None else out, residual.stride(0) if residual is not None else 0,
+        kv.slot_mapping if kv else w, kv.k_pool if kv else out, kv.v_pool if kv else out,
+        kv.start if kv else 0, kv.k_pool[0].numel() // kv.k_pool.shape[1] if kv else 0,
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=max(16, triton.next_power_of_2(kps)),
         USE_DOT=config.use_dot, DOT_FP32=fp32 or interp, IEEE=fp32 and not interp,
-        HAS_BIAS=bias is not None and not partial, GELU=gelu, PARTIAL=partial, USE_PDL=pdl,
+        HAS_BIAS=bias is not None and not partial, GELU=gelu, PARTIAL=partial,
+        LN=ln is not None, RESIDUAL=residual is not None, KV_WRITE=kv is not None, USE_PDL=pdl,
         num_warps=config.num_warps, launch_pdl=pdl)
 
 
@@ -439,13 +513,41 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, gel
     if config is None:
         kc = w.stride(0) == 1
         config = plan_gemv(M, K, N, kc) or default_config(M, K, N, kc)
-    if out is None:
-        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    elif out.shape != (M, N) or out.stride(1) != 1:
-        raise InputError(f"out must be ({M}, {N}) with contiguous rows, got {tuple(out.shape)}")
+    out = _output(out, M, N, x)
     if M == 0:
         return out
     if config.num_splits(K) == 1:
         _launch(x, w, bias, out, config, gelu=gelu, partial=False)
         return out
     return splitk_reduce(gemv_partials(x, w, config), bias, gelu, out=out)
+
+
+def fusable(config: "GemvConfig | RowsConfig | None", K: int) -> bool:
+    """Whether :func:`gemv_fused` can run ``config`` for ``K`` inputs: the row kernel in one split."""
+    return isinstance(config, RowsConfig) and config.num_splits(K) == 1
+
+
+def gemv_fused(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, config: RowsConfig,
+               ln: torch.nn.LayerNorm | None = None, gelu: bool = False, residual: torch.Tensor | None = None,
+               kv_write: KVWrite | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The row kernel with its neighbours folded in, one launch: ``out = residual + act(ln(x) @ w + bias)``
+    where each part is optional — ``ln``: the LayerNorm of each input row first (every program
+    computes it from the whole row: K fits one split; one or two rows, ``use_dot=False``);
+    ``gelu``: tanh-GELU; ``residual`` (M, N): added
+    (the residual stream's update, one rounding); ``kv_write``: the key and value columns also stored
+    in the paged pool (:class:`KVWrite`). ``config`` must satisfy :func:`fusable`."""
+    M, K, N = _check(x, w)
+    if not fusable(config, K):
+        raise InputError(f"gemv_fused runs the row kernel in one split; {config} does not for K = {K}")
+    out = _output(out, M, N, x)
+    if M:
+        _launch_rows(x, w, bias, out, config, gelu, False, ln=ln, residual=residual, kv_write=kv_write)
+    return out
+
+
+def _output(out: torch.Tensor | None, M: int, N: int, x: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if out.shape != (M, N) or out.stride(1) != 1:
+        raise InputError(f"out must be ({M}, {N}) with contiguous rows, got {tuple(out.shape)}")
+    return out
