@@ -466,3 +466,49 @@ def test_gpu_row_gemvs_give_the_tokens_of_cublas_fp32(ckpt, monkeypatch):
         assert any(isinstance(p, G.RowsConfig) and p.use_dot for p in plans) == ours
         assert any(isinstance(p, G.RowsConfig) and not p.use_dot for p in plans) == ours
     _same_tokens_and_logprobs(runs)
+
+
+def test_gpu_fused_row_gemv_matches_torch_on_gpt2_xl_shapes():
+    """triton_gemv.gemv_fused compiled for the GPU on GPT-2 XL's shapes, bf16: the one- and two-row
+    kernel with the LayerNorm before it, the GELU, the residual add and the QKV product's K/V write
+    into a paged pool; the tensor-core path at 8 and 32 rows with the residual and the K/V write."""
+    import torch.nn.functional as F
+    from course_lib.engine.triton_gemv import KVWrite, RowsConfig, gemv_fused, plan_gemv
+
+    torch.manual_seed(0)
+    D, H, bs, blocks = 1600, 25, 16, 64
+    dt = torch.bfloat16
+
+    def close(got, ref, what):
+        err = (got.float() - ref).abs().max().item()
+        assert err <= 1.6e-2 * ref.abs().max().item(), (what, err)
+
+    ln = torch.nn.LayerNorm(D, device="cuda", dtype=dt)
+    ln.weight.data.normal_(1.0, 0.2)
+    ln.bias.data.normal_(0.0, 0.2)
+    for M in (1, 2, 8, 32):
+        x = torch.randn(M, D, device="cuda", dtype=dt)
+        h = F.layer_norm(x.float(), (D,), ln.weight.float(), ln.bias.float(), ln.eps).to(dt)
+        for K, N in ((D, 3 * D), (D, 4 * D), (D, D), (4 * D, D)):
+            w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dt).t()     # K-contiguous, the engine's layout
+            b = torch.randn(N, device="cuda", dtype=dt)
+            cfg = plan_gemv(M, K, N, k_contiguous=True) if M <= 2 else RowsConfig(block_n=32, use_dot=True)
+            inp = torch.randn(M, K, device="cuda", dtype=dt) if K != D else x
+            res = torch.randn(M, N, device="cuda", dtype=dt)
+            close(gemv_fused(inp, w, b, cfg, residual=res), res.float() + inp.float() @ w.float() + b.float(),
+                  ("residual", M, K, N))
+            if K != D:
+                continue
+            if M <= 2:
+                close(gemv_fused(x, w, b, cfg, ln=ln, gelu=True),
+                      F.gelu(h.float() @ w.float() + b.float(), approximate="tanh"), ("ln + gelu", M, N))
+            if N == 3 * D:
+                k_pool = torch.zeros(blocks, bs, H, D // H, device="cuda", dtype=dt)
+                v_pool = torch.zeros_like(k_pool)
+                slots = torch.randperm(blocks * bs, device="cuda")[:M]
+                y = gemv_fused(x if M <= 2 else h, w, b, cfg, ln=ln if M <= 2 else None,
+                               kv_write=KVWrite(k_pool, v_pool, slots, start=D))
+                close(y, h.float() @ w.float() + b.float(), ("ln + kv write", M))
+                assert torch.equal(k_pool.view(-1, D)[slots], y[:, D:2 * D])
+                assert torch.equal(v_pool.view(-1, D)[slots], y[:, 2 * D:])
+                assert int((k_pool.view(-1, D).abs().sum(1) > 0).sum()) == M     # no other slot written

@@ -139,6 +139,9 @@ class FusedForward:
         it has been computed. A product that gemv_fused can run takes its LayerNorm, residual add
         and K/V write in itself instead."""
         runner, tr = self.runner, self.model.transformer
+        if logits_out is not None and logits_out.shape[1] != self.head.shape[0]:
+            raise InputError(f"logits_out must be {self.head.shape[0]} wide (runner.logits_width), got "
+                             f"{tuple(logits_out.shape)}")
         N = b.input_ids.shape[0]
         H, Dh = runner.kv.num_heads, runner.config.head_dim
         x, h = embed_layernorm(runner.token_ids(b), b.positions, tr.wte.weight, tr.wpe.weight, tr.h[0].ln_1)  # (N, D)
@@ -169,9 +172,6 @@ class FusedForward:
             h = None
         _, h = add_layernorm(x, tr.ln_f, *(pending or ()), rows=b.logits_indices)         # (R, D): the logit rows
         V = self.model.config.vocab_size
-        if logits_out is not None and logits_out.shape[1] != self.head.shape[0]:
-            raise InputError(f"logits_out must be {self.head.shape[0]} wide (runner.logits_width), got "
-                             f"{tuple(logits_out.shape)}")
         return self.linear(h, self.head.t(), out=logits_out)[:, :V]                     # (R, V) of (R, width)
 
     def add_projection(self, x: torch.Tensor, inp: torch.Tensor, lin):
