@@ -148,23 +148,25 @@ class FusedForward:
         pending = None
         for layer, block in enumerate(tr.h):
             attn, mlp = block.attn, block.mlp
-            fused = self.fused_plan(N, attn.c_attn)
-            kv = KVWrite(runner.kv.k[layer], runner.kv.v[layer], b.slot_mapping, H * Dh) if fused is not None else None
+            qkv_plan = self.fused_plan(N, attn.c_attn)
+            kv = None if qkv_plan is None else KVWrite(runner.kv.k[layer], runner.kv.v[layer], b.slot_mapping, H * Dh)
             if pending is None and self.fused_plan(N, attn.c_attn, ln=True) is not None:   # LN + QKV + K/V write
-                qkv = gemv_fused(x, attn.c_attn.weight, attn.c_attn.bias, fused, ln=block.ln_1, kv_write=kv)
+                qkv = gemv_fused(x, attn.c_attn.weight, attn.c_attn.bias, qkv_plan, ln=block.ln_1, kv_write=kv)
             else:
                 if h is None:
                     x, h = add_layernorm(x, block.ln_1, *(pending or ()))
-                qkv = gemv_fused(h, attn.c_attn.weight, attn.c_attn.bias, fused, kv_write=kv) if fused is not None \
-                    else self.linear(h, attn.c_attn.weight, attn.c_attn.bias)             # (N, 3 H Dh)
+                if qkv_plan is None:
+                    qkv = self.linear(h, attn.c_attn.weight, attn.c_attn.bias)           # (N, 3 H Dh)
+                else:                                                                      # QKV + K/V write
+                    qkv = gemv_fused(h, attn.c_attn.weight, attn.c_attn.bias, qkv_plan, kv_write=kv)
             q, k, v = (t.view(N, H, Dh) for t in qkv.split(H * Dh, dim=-1))             # (N, H, Dh)
             if kv is None:
                 runner.kv.write(layer, k, v, b.slot_mapping)
             o = runner.attention.forward(q, k, v, runner.kv, layer, b.attention).reshape(N, H * Dh)  # (N, D)
             x, pending = self.add_projection(x, o, attn.c_proj)
-            fused = self.fused_plan(N, mlp.c_fc, ln=True)
-            if fused is not None and pending is None and self.tanh_gelu:                   # LN + c_fc + GELU
-                f = gemv_fused(x, mlp.c_fc.weight, mlp.c_fc.bias, fused, ln=block.ln_2, gelu=True)
+            fc_plan = self.fused_plan(N, mlp.c_fc, ln=True)
+            if fc_plan is not None and pending is None and self.tanh_gelu:                 # LN + c_fc + GELU
+                f = gemv_fused(x, mlp.c_fc.weight, mlp.c_fc.bias, fc_plan, ln=block.ln_2, gelu=True)
             else:
                 x, h = add_layernorm(x, block.ln_2, *(pending or ()))
                 f = self.linear(h, mlp.c_fc.weight, mlp.c_fc.bias, act=True)                      # (N, F)

@@ -408,6 +408,11 @@ class KVWrite:
     slot_mapping: torch.Tensor
     start: int
 
+    @property
+    def row(self) -> int:
+        """Values of one token's key (``H * Dh``)."""
+        return self.k_pool[0, 0].numel()
+
 
 def _launch_rows(x, w, bias, out, config: RowsConfig, gelu: bool, partial: bool, ln=None, residual=None,
                  kv_write: KVWrite | None = None) -> None:
@@ -425,11 +430,11 @@ def _launch_rows(x, w, bias, out, config: RowsConfig, gelu: bool, partial: bool,
     if residual is not None and (residual.shape != (M, N) or residual.stride(1) != 1):
         raise InputError(f"residual must be ({M}, {N}) with contiguous rows, got {tuple(residual.shape)}")
     if kv_write is not None:
-        row = kv_write.k_pool[0].numel() // kv_write.k_pool.shape[1]
-        if (not (kv_write.k_pool.is_contiguous() and kv_write.v_pool.is_contiguous())
-                or kv_write.start + 2 * row > N or kv_write.slot_mapping.shape != (M,)):
-            raise InputError(f"kv_write needs contiguous pools, a slot per token row ({M}) and key and value "
-                             f"columns inside the {N} outputs; got start {kv_write.start}, rows of {row}")
+        kv = kv_write
+        if (not (kv.k_pool.is_contiguous() and kv.v_pool.is_contiguous()) or kv.k_pool.shape != kv.v_pool.shape
+                or kv.start + 2 * kv.row > N or kv.slot_mapping.shape != (M,)):
+            raise InputError(f"kv_write needs two contiguous pools of one shape, a slot per token row ({M}) and "
+                             f"key and value columns inside the {N} outputs; got start {kv.start}, rows of {kv.row}")
     interp = _interpreting()
     pdl = pdl_enabled(x.device)
     fp32 = x.dtype == torch.float32 or w.dtype == torch.float32
@@ -443,7 +448,7 @@ def _launch_rows(x, w, bias, out, config: RowsConfig, gelu: bool, partial: bool,
         ln.weight if ln is not None else w, ln.bias if ln is not None else w, ln.eps if ln is not None else 0.0,
         residual if residual is not None else out, residual.stride(0) if residual is not None else 0,
         kv.slot_mapping if kv else w, kv.k_pool if kv else out, kv.v_pool if kv else out,
-        kv.start if kv else 0, kv.k_pool[0].numel() // kv.k_pool.shape[1] if kv else 0,
+        kv.start if kv else 0, kv.row if kv else 0,
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=max(16, triton.next_power_of_2(kps)),
         USE_DOT=config.use_dot, DOT_FP32=fp32 or interp, IEEE=fp32 and not interp,
         HAS_BIAS=bias is not None and not partial, GELU=gelu, PARTIAL=partial,
