@@ -196,14 +196,13 @@ class EagerGraph:
 
 # padded rows' attention output is never written (the buffer's old contents stay): NaN there must
 # not reach a live row
-attend = runner.attention.forward
+attend, runner_slots = runner.attention.forward, [None]
 def garbage_in_padding(q, k, v, kv, layer, meta):
     out = attend(q, k, v, kv, layer, meta)
     padding = runner_slots[0] == 0                 # slot 0 lies in the null block: only padded rows write it
     out[padding] = float("nan")
     return out
 runner.attention.forward = garbage_in_padding
-runner_slots = [None]
 _forward = runner.forward
 def forward_noting_slots(b, logits_out=None):
     runner_slots[0] = b.slot_mapping

@@ -180,7 +180,8 @@ for dtype in (torch.float32, torch.bfloat16):
         none, h = add_layernorm(x, ln, d, db, rows=sel)           # the logit rows only, LayerNorm only
         assert none is None and h.shape == (3, D)
         close(h, lnf((x + (d.float() + db.float()).to(dtype))[sel]), dtype, "gathered rows")
-        _, h = add_layernorm(x, ln)                               # no delta: a plain LayerNorm
+        same, h = add_layernorm(x, ln)                            # no delta: a plain LayerNorm
+        assert same is x, "without a delta the residual stream is x itself, not a copy"
         close(h, lnf(x), dtype, "plain LayerNorm")
         wte, wpe = torch.randn(30, D, dtype=dtype), torch.randn(20, D, dtype=dtype)
         ids, pos = torch.randint(0, 30, (rows,)), torch.randint(0, 20, (rows,))

@@ -77,11 +77,11 @@ class FusedForward:
         wte = self.model.transformer.wte.weight
         V, D = wte.shape
         width = padded_vocab(V)
+        self.head = wte.data                                     # (width, D)
         if width != V:
-            head = torch.zeros(width, D, dtype=wte.dtype, device=wte.device)
-            head[:V] = wte.data
-            wte.data = head[:V]
-        self.head = wte.data if width == V else head     # (width, D)
+            self.head = torch.zeros(width, D, dtype=wte.dtype, device=wte.device)
+            self.head[:V] = wte.data
+            wte.data = self.head[:V]
 
     def plan(self, M: int, w: torch.Tensor):
         key = (M, tuple(w.shape), w.stride(0) == 1)

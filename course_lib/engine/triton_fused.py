@@ -22,17 +22,14 @@ import triton.language as tl
 
 from ..errors import InputError
 from .pdl import pdl_enabled, pdl_launch_next, pdl_wait
-from .triton_gemv import _gelu_tanh
+from .triton_gemv import _gelu_tanh, _layernorm
 
 
 @triton.jit
 def _layernorm_row(x, cols, ok, D, w_ptr, b_ptr, eps):
-    mean = tl.sum(x, axis=0) / D
-    centred = tl.where(ok, x - mean, 0.0)
-    var = tl.sum(centred * centred, axis=0) / D
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    return centred * (1.0 / tl.sqrt(var + eps)) * w + b
+    return _layernorm(x, ok, D, w, b, eps)
 
 
 @triton.jit
@@ -123,8 +120,9 @@ def add_layernorm(x: torch.Tensor, ln: torch.nn.LayerNorm, delta: torch.Tensor |
     R = N if rows is None else rows.shape[0]
     h = torch.empty(R, D, dtype=x.dtype, device=x.device)
     x_new = torch.empty_like(x) if rows is None and delta is not None else None
+    x_out = x if rows is None and delta is None else x_new        # nothing to add: the stream is x itself
     if R == 0:
-        return x if rows is None and delta is None else x_new, h
+        return x_out, h
     block = triton.next_power_of_2(D)
     _add_layernorm_kernel[(R,)](
         x, delta if delta is not None else x, delta_bias if delta_bias is not None else x,
@@ -134,7 +132,7 @@ def add_layernorm(x: torch.Tensor, ln: torch.nn.LayerNorm, delta: torch.Tensor |
         x_new.stride(0) if x_new is not None else 0, h.stride(0), SPLIT=delta.shape[0] if delta is not None else 0,
         HAS_DELTA=delta is not None, HAS_DBIAS=delta_bias is not None, GATHER=rows is not None,
         STORE_X=x_new is not None, BLOCK_D=block, num_warps=_warps(block), **_pdl(x))
-    return x if rows is None and delta is None else x_new, h
+    return x_out, h
 
 
 def embed_layernorm(input_ids: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor,

@@ -301,13 +301,13 @@ def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_ps, stride_p
 
 
 @triton.jit
-def _layernorm_rows(x, ok, D, w, b, eps):
-    """LayerNorm of every row of ``x`` (R, BLOCK) over its ``D`` columns marked by ``ok`` (BLOCK,),
-    with weight and bias ``w``, ``b`` (BLOCK,), all fp32; statistics in fp32."""
-    mean = tl.sum(x, axis=1) / D
-    centred = tl.where(ok[None, :], x - mean[:, None], 0.0)
-    var = tl.sum(centred * centred, axis=1) / D
-    return centred * (1.0 / tl.sqrt(var + eps))[:, None] * w[None, :] + b[None, :]
+def _layernorm(x, ok, D, w, b, eps):
+    """LayerNorm of one row ``x`` (BLOCK,) over its ``D`` columns marked by ``ok``, with weight and
+    bias ``w``, ``b`` (BLOCK,), all fp32 (the formula of every fused kernel; triton_fused.py too)."""
+    mean = tl.sum(x, axis=0) / D
+    centred = tl.where(ok, x - mean, 0.0)
+    var = tl.sum(centred * centred, axis=0) / D
+    return centred * (1.0 / tl.sqrt(var + eps)) * w + b
 
 
 @triton.jit
@@ -385,8 +385,7 @@ def _gemv_rows_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split,
             row_ok = m < M
             x = tl.load(x_ptr + m * stride_xm + k, mask=k_ok & row_ok, other=0.0).to(tl.float32)    # (BLOCK_K,)
             if LN:      # rounded to the activations' dtype, as the LayerNorm's own output would be
-                x = tl.reshape(_layernorm_rows(x[None, :], k_ok, K, ln_w, ln_b, eps), (BLOCK_K,))
-                x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
+                x = _layernorm(x, k_ok, K, ln_w, ln_b, eps).to(x_ptr.dtype.element_ty).to(tl.float32)
             y = tl.sum(w * x[None, :], axis=1)                                                       # (BLOCK_N,)
             if PARTIAL:
                 tl.store(out_ptr + pid_s * stride_os + m * stride_om + rn, y, mask=n_ok & row_ok)
