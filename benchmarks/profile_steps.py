@@ -34,7 +34,7 @@ from course_lib.engine import benchmark as B  # noqa: E402
 
 #: kernel name patterns → class, first match wins
 CLASSES = [
-    ("attention", r"unified|attention|attn|flash|merge_splits"),
+    ("attention", r"unified|attention|attn|flash"),
     ("layernorm", r"layer_?norm|layernorm"),
     ("matmul", r"gemm|gemv|cutlass|sm90|xmma|cublas|splitk|nvjet|matmul"),
     ("sampling", r"argmax|arg_max|topk|softmax|multinomial|reduce"),

@@ -121,6 +121,59 @@ def test_gpu_unified_kernel_matches_an_explicit_softmax(dtype, tol, block_size, 
         assert (out[a:b].float() - ref).abs().max().item() < tol, (i, mix[i])
 
 
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_gpu_split_kv_merges_in_the_same_launch_over_many_replays(dtype, tol):
+    """Split-KV's merge by the last program to arrive (triton_unified.py): 48 launches back to back in
+    one CUDA graph share one counter buffer, as an engine's layers and steps do, and the graph is
+    replayed 20 times. Every launch gives the unsplit kernel's output and leaves the counters at 0;
+    a merge that ran before every chunk's partial was stored, or a counter left non-zero, shows here."""
+    from course_lib.engine.attention import TritonAttention
+    from course_lib.engine.kv_cache import PagedKVCache
+    from course_lib.engine.triton_unified import build_tiles, max_tiles, unified_attention
+
+    torch.manual_seed(0)
+    H, Dh, bs, launches = 25, 64, 16, 48
+    mix = [(1, 576), (1, 37), (1, 2000), (1, 1)]                 # decodes: one row each
+    cfg = GPTConfig(vocab_size=50, n_positions=2048, n_embd=H * Dh, n_layer=1, n_head=H)
+    need = [-(-c // bs) for _, c in mix]
+    kv = PagedKVCache(cfg, num_blocks=sum(need) + 1, block_size=bs, dtype=dtype, device="cuda")
+    kv.pool.normal_()
+    tables = torch.zeros(len(mix), max(need), dtype=torch.int32)
+    at = 1
+    for i, n in enumerate(need):
+        tables[i, :n] = torch.arange(at, at + n, dtype=torch.int32)
+        at += n
+    ctx = [c for _, c in mix]
+    seqs, rows = build_tiles(list(range(len(mix) + 1)), ctx, 16)
+    grid = max_tiles(len(mix), len(mix), 16)
+    args = [tables.cuda(), torch.tensor(ctx, device="cuda"), torch.arange(len(mix) + 1, device="cuda"),
+            torch.tensor(seqs, device="cuda"), torch.tensor(rows, device="cuda"),
+            torch.tensor([len(seqs)], device="cuda"), grid, 16]
+    q = torch.randn(launches, len(mix), H, Dh, device="cuda", dtype=dtype)
+    plain = torch.stack([unified_attention(q[i], kv.k[0], kv.v[0], *args) for i in range(launches)])
+    counters = TritonAttention(32).split_counters(torch.device("cuda"))
+    for splits in (22, 5):
+        out = torch.full_like(q, float("nan"))
+        run = lambda: [unified_attention(q[i], kv.k[0], kv.v[0], *args, out=out[i], num_splits=splits,   # noqa: E731
+                                         split_counters=counters) for i in range(launches)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()                                                   # compile outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        for replay in range(20):
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            err = (out.float() - plain.float()).abs().max().item()
+            assert err < tol, (splits, replay, err)
+            assert not counters.any(), (splits, replay, counters.nonzero())
+
+
 # ---------------------------------------------------------------------- whole-step graphs
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_graph_replay_is_bitwise_the_eager_forward(ckpt, dtype):
@@ -468,47 +521,59 @@ def test_gpu_row_gemvs_give_the_tokens_of_cublas_fp32(ckpt, monkeypatch):
     _same_tokens_and_logprobs(runs)
 
 
-def test_gpu_fused_row_gemv_matches_torch_on_gpt2_xl_shapes():
-    """triton_gemv.gemv_fused compiled for the GPU on GPT-2 XL's shapes, bf16: the one- and two-row
-    kernel with the LayerNorm before it, the GELU, the residual add and the QKV product's K/V write
-    into a paged pool; the tensor-core path at 8 and 32 rows with the residual and the K/V write."""
+def test_gpu_fused_row_gemv_matches_torch_on_gpt2_shapes():
+    """triton_gemv.gemv_fused compiled for the GPU on GPT-2 124M's and XL's shapes, bf16, with the
+    config the engine plans for each (plan_gemv; shapes it leaves to cuBLAS or splits are not
+    fused, so not tested here): the one- and two-row kernel with the LayerNorm before it, the GELU,
+    the residual add and the QKV product's K/V write into a paged pool; the tensor-core path at 8
+    and 32 rows with the residual and the K/V write."""
     import torch.nn.functional as F
-    from course_lib.engine.triton_gemv import KVWrite, RowsConfig, gemv_fused, plan_gemv
+    from course_lib.engine.triton_gemv import KVWrite, fusable, gemv_fused, plan_gemv
 
     torch.manual_seed(0)
-    D, H, bs, blocks = 1600, 25, 16, 64
+    bs, blocks = 16, 64
     dt = torch.bfloat16
+    tested = set()
 
     def close(got, ref, what):
         err = (got.float() - ref).abs().max().item()
         assert err <= 1.6e-2 * ref.abs().max().item(), (what, err)
 
-    ln = torch.nn.LayerNorm(D, device="cuda", dtype=dt)
-    ln.weight.data.normal_(1.0, 0.2)
-    ln.bias.data.normal_(0.0, 0.2)
-    for M in (1, 2, 8, 32):
-        x = torch.randn(M, D, device="cuda", dtype=dt)
-        h = F.layer_norm(x.float(), (D,), ln.weight.float(), ln.bias.float(), ln.eps).to(dt)
-        for K, N in ((D, 3 * D), (D, 4 * D), (D, D), (4 * D, D)):
-            w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dt).t()     # K-contiguous, the engine's layout
-            b = torch.randn(N, device="cuda", dtype=dt)
-            cfg = plan_gemv(M, K, N, k_contiguous=True) if M <= 2 else RowsConfig(block_n=32, use_dot=True)
-            inp = torch.randn(M, K, device="cuda", dtype=dt) if K != D else x
-            res = torch.randn(M, N, device="cuda", dtype=dt)
-            close(gemv_fused(inp, w, b, cfg, residual=res), res.float() + inp.float() @ w.float() + b.float(),
-                  ("residual", M, K, N))
-            if K != D:
-                continue
-            if M <= 2:
-                close(gemv_fused(x, w, b, cfg, ln=ln, gelu=True),
-                      F.gelu(h.float() @ w.float() + b.float(), approximate="tanh"), ("ln + gelu", M, N))
-            if N == 3 * D:
-                k_pool = torch.zeros(blocks, bs, H, D // H, device="cuda", dtype=dt)
-                v_pool = torch.zeros_like(k_pool)
-                slots = torch.randperm(blocks * bs, device="cuda")[:M]
-                y = gemv_fused(x if M <= 2 else h, w, b, cfg, ln=ln if M <= 2 else None,
-                               kv_write=KVWrite(k_pool, v_pool, slots, start=D))
-                close(y, h.float() @ w.float() + b.float(), ("ln + kv write", M))
-                assert torch.equal(k_pool.view(-1, D)[slots], y[:, D:2 * D])
-                assert torch.equal(v_pool.view(-1, D)[slots], y[:, 2 * D:])
-                assert int((k_pool.view(-1, D).abs().sum(1) > 0).sum()) == M     # no other slot written
+    for D, H in ((768, 12), (1600, 25)):
+        ln = torch.nn.LayerNorm(D, device="cuda", dtype=dt)
+        ln.weight.data.normal_(1.0, 0.2)
+        ln.bias.data.normal_(0.0, 0.2)
+        for M in (1, 2, 8, 32):
+            x = torch.randn(M, D, device="cuda", dtype=dt)
+            h = F.layer_norm(x.float(), (D,), ln.weight.float(), ln.bias.float(), ln.eps).to(dt)
+            for K, N in ((D, 3 * D), (D, 4 * D), (D, D), (4 * D, D)):
+                cfg = plan_gemv(M, K, N, k_contiguous=True)
+                if not fusable(cfg, K):
+                    continue
+                w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dt).t()     # K-contiguous, the engine's layout
+                b = torch.randn(N, device="cuda", dtype=dt)
+                inp = torch.randn(M, K, device="cuda", dtype=dt) if K != D else x
+                res = torch.randn(M, N, device="cuda", dtype=dt)
+                close(gemv_fused(inp, w, b, cfg, residual=res), res.float() + inp.float() @ w.float() + b.float(),
+                      ("residual", D, M, K, N))
+                tested.add(("residual", cfg.use_dot))
+                if K != D:
+                    continue
+                if not cfg.use_dot:
+                    close(gemv_fused(x, w, b, cfg, ln=ln, gelu=True),
+                          F.gelu(h.float() @ w.float() + b.float(), approximate="tanh"), ("ln + gelu", D, M, N))
+                    tested.add(("ln + gelu", False))
+                if N == 3 * D:
+                    k_pool = torch.zeros(blocks, bs, H, D // H, device="cuda", dtype=dt)
+                    v_pool = torch.zeros_like(k_pool)
+                    slots = torch.randperm(blocks * bs, device="cuda")[:M]
+                    y = gemv_fused(h if cfg.use_dot else x, w, b, cfg, ln=None if cfg.use_dot else ln,
+                                   kv_write=KVWrite(k_pool, v_pool, slots, start=D))
+                    close(y, h.float() @ w.float() + b.float(), ("kv write", D, M))
+                    assert torch.equal(k_pool.view(-1, D)[slots], y[:, D:2 * D])
+                    assert torch.equal(v_pool.view(-1, D)[slots], y[:, 2 * D:])
+                    assert int((k_pool.view(-1, D).abs().sum(1) > 0).sum()) == M     # no other slot written
+                    tested.add(("kv write", cfg.use_dot))
+    # every fusion the engine runs was reached, on both paths where it runs there
+    assert tested >= {("residual", False), ("residual", True), ("ln + gelu", False), ("kv write", False),
+                      ("kv write", True)}, tested

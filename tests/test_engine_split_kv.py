@@ -97,7 +97,10 @@ def reference(q, kv, tables, qstart, ctx):
     return torch.cat(outs)
 
 
-def case(mix, H, D, bs, dtype, block_m, splits, block_n, pad=3):
+COUNTERS = torch.zeros(512, dtype=torch.int32)              # one buffer for every split launch, as the engine
+
+
+def case(mix, H, D, bs, dtype, block_m, splits, block_n, pad=3, counters=COUNTERS):
     cfg = GPTConfig(vocab_size=50, n_positions=256, n_embd=H * D, n_layer=1, n_head=H)
     need = [-(-c // bs) for _, c in mix]
     num_blocks = sum(need) + 3
@@ -122,7 +125,8 @@ def case(mix, H, D, bs, dtype, block_m, splits, block_n, pad=3):
     args = (q, kv.k[0], kv.v[0], tables, torch.tensor(ctx, dtype=torch.int32), torch.tensor(qstart, dtype=torch.int32),
             as_t(seqs), as_t(rows), torch.tensor([len(seqs)]), grid, block_m)
     out = torch.full_like(q, float("nan"))                    # poison: every live row must be written
-    unified_attention(*args, out=out, block_n=block_n, num_splits=splits)
+    unified_attention(*args, out=out, block_n=block_n, num_splits=splits, split_counters=counters)
+    assert not COUNTERS.any(), "every launch leaves its arrival counters at 0"
     assert not out[:N].isnan().any(), "a live row was not written"
     assert out[N:].isnan().all(), "padded rows belong to no tile and stay untouched"
     err = (out[:N].float() - reference(q, kv, tables, qstart, ctx)).abs().max().item()
@@ -153,6 +157,14 @@ for mix, H, D, bs, dtype, splits, block_n in [
 case([(1, 9), (5, 5), (40, 95)], 2, 32, 4, f32, 64, 3, 16)     # 64-row tiles split the same way
 case([(1, 45), (1, 120)], 2, 32, 4, f32, 16, 4, None)          # the default trip: 128 keys (a few decodes)
 case([(1, 300)], 2, 64, 16, bf16, 16, 4, None)                  # 300 keys: chunks of 128, 128, 44, one empty
+case([(1, 45), (1, 9)], 2, 32, 4, f32, 16, 3, 16, counters=None)  # no buffer given: a zeroed one of its own
+for bad in (torch.zeros(512, dtype=torch.int64), torch.zeros(3, dtype=torch.int32)):
+    try:
+        case([(1, 45)], 2, 32, 4, f32, 16, 3, 16, counters=bad)
+    except ValueError as e:
+        assert "split_counters must be a contiguous int32 tensor" in str(e), e
+    else:
+        raise AssertionError("a wrong counter buffer was accepted")
 # the default trip: 128 keys for a few decodes (split or not) and for 128-row tiles; 64 for many
 # decodes, 64-row tiles, and heads wider than 128 bytes
 assert [tu.default_block_n(16, g, s, 128) for g, s in ((1, 22), (8, 3), (9, 2), (1, 1), (32, 1))] == \

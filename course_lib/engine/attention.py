@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..model import causal_mask
-from .attention_tiles import build_tiles, kv_splits_for, tile_rows_for
+from .attention_tiles import build_tiles, kv_splits_for, split_grid_bound, tile_rows_for
 from .batch import FlatBatch
 from .kv_cache import PagedKVCache
 
@@ -167,10 +167,24 @@ class TritonAttention:
         if isinstance(max_kv_splits, bool) or not isinstance(max_kv_splits, int) or max_kv_splits < 1:
             raise ConfigError(f"max_kv_splits must be a positive integer, got {max_kv_splits!r}")
         self.max_kv_splits = max_kv_splits
+        self._split_counters: dict[torch.device, torch.Tensor] = {}
 
     def num_splits(self, meta: "TritonMetadata", num_heads: int, device: torch.device) -> int:
         """Key chunks of this step's grid: from static sizes only, so fixed per graph bucket."""
         return kv_splits_for(meta.grid, num_heads, meta.block_m, multiprocessor_count(device), self.max_kv_splits)
+
+    def split_counters(self, device: torch.device) -> torch.Tensor:
+        """Split-KV's arrival counters (triton_unified.py): int32 zeros that every launch leaves at
+        zero, so one buffer serves every layer, step and captured graph. Made at the first split
+        step, which is a warm-up forward before any capture (step_graphs.py) or an eager step."""
+        counters = self._split_counters.get(device)
+        if counters is None:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("split-KV counters must be made before a CUDA-graph capture: run the "
+                                   "bucket's forward once outside the capture first (StepGraphs.capture does)")
+            size = split_grid_bound(multiprocessor_count(device))
+            counters = self._split_counters[device] = torch.zeros(size, dtype=torch.int32, device=device)
+        return counters
 
     def extra_arrays(self, flat: FlatBatch, block_m: int | None = None) -> dict[str, np.ndarray]:
         """The block tables and the tile table; the tile table is kept in ``flat.tiles`` (the steps
@@ -199,9 +213,11 @@ class TritonAttention:
         # rows that belong to no tile (a captured step's padding) keep whatever the buffer held: every
         # later kernel is row by row, their K/V go to the null block, whose keys no tile loads
         out = torch.empty_like(q)                                                        # (N, H, Dh)
+        splits = self.num_splits(meta, q.shape[1], q.device)
         return unified_attention(q, kv.k[layer], kv.v[layer], meta.block_tables, meta.context_lens,
                                  meta.query_start, meta.tile_seq, meta.tile_row, meta.num_tiles, meta.grid,
-                                 meta.block_m, out=out, num_splits=self.num_splits(meta, q.shape[1], q.device))
+                                 meta.block_m, out=out, num_splits=splits,
+                                 split_counters=self.split_counters(q.device) if splits > 1 else None)
 
 
 def make_attention(name: str, max_kv_splits: int = 1):

@@ -71,3 +71,10 @@ def kv_splits_for(grid_tiles: int, num_heads: int, block_m: int, num_sms: int, m
         return 1
     want = -(-PROGRAMS_PER_SM * num_sms // (grid_tiles * num_heads))
     return max(1, min(max_splits, want))
+
+
+def split_grid_bound(num_sms: int) -> int:
+    """More (tile, head) programs than the grid of any step that :func:`kv_splits_for` splits: it
+    splits a grid only when ``grid_tiles * num_heads < PROGRAMS_PER_SM * num_sms`` (else ``want``
+    is 1). The size of split-KV's arrival counters (attention.TritonAttention)."""
+    return PROGRAMS_PER_SM * num_sms

@@ -24,8 +24,11 @@ a GPU of 132 SMs — and each walks all the keys alone, so most of the GPU idles
 wait on memory. With ``num_splits = S > 1`` the grid gains a third axis: program ``(tile, head, s)``
 walks only chunk ``s`` of the tile's keys (``chunk = ceil(keys / S)`` rounded up to ``BLOCK_N``;
 programs whose chunk starts past the keys do nothing) and stores its *unnormalised* partial
-``(m, l, acc)`` in fp32 scratch. A second small kernel merges the chunks of each row exactly, the
-log-sum-exp way: ``M = max_s m_s``, ``out = Σ_s 2^(m_s - M) acc_s / Σ_s 2^(m_s - M) l_s``.
+``(m, l, acc)`` in fp32 scratch, then counts itself in with an atomic add on the (tile, head)'s
+counter. The program that arrives last merges the chunks of each row exactly, the log-sum-exp way:
+``M = max_s m_s``, ``out = Σ_s 2^(m_s - M) acc_s / Σ_s 2^(m_s - M) l_s``, and sets the counter back
+to 0 for the next layer. One launch a layer, no second merge kernel: in a decode step each launch
+costs a few microseconds of latency, more than the merge's work.
 ``S`` is picked on the host from the static grid (attention_tiles.kv_splits_for), so it too is
 fixed per CUDA-graph bucket.
 
@@ -142,7 +145,7 @@ def _split_chunk(key_end, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _unified_attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, part_ml_ptr, part_acc_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, part_ml_ptr, part_acc_ptr, arrived_ptr,
     tables_ptr, context_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr, num_tiles_ptr,
     qk_scale,                                    # log2(e) / sqrt(Dh)
     stride_qn, stride_qh,                        # q: (N, H, Dh)
@@ -151,6 +154,7 @@ def _unified_attention_kernel(
     stride_tb,                                   # block tables: (B, M)
     stride_mlk, stride_mls, stride_mln,          # split partials m, l: (2, S, N, H), head stride 1
     stride_as, stride_an, stride_ah,             # split partial acc: (S, N, H, Dh), dim stride 1
+                                                 # arrived: (tiles, H) int32 counters, all 0 between launches
     HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     WHILE_LOOP: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
@@ -202,56 +206,52 @@ def _unified_attention_kernel(
         out_rows = rows.to(tl.int64) * stride_on + head * stride_oh
         tl.store(out_ptr + out_rows[:, None] + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    else:                                        # the unnormalised partial; _merge_splits_kernel combines
-        live = row_ok & (lo < hi)
+    elif lo < hi:                                # a chunk that holds keys: its unnormalised partial
         at = split * stride_mls + rows.to(tl.int64) * stride_mln + head            # (BLOCK_M,)
-        tl.store(part_ml_ptr + at, m, mask=live)
-        tl.store(part_ml_ptr + stride_mlk + at, l, mask=live)
+        tl.store(part_ml_ptr + at, m, mask=row_ok)
+        tl.store(part_ml_ptr + stride_mlk + at, l, mask=row_ok)
         acc_at = split * stride_as + rows.to(tl.int64) * stride_an + head * stride_ah
-        tl.store(part_acc_ptr + acc_at[:, None] + d[None, :], acc, mask=live[:, None] & d_ok[None, :])
+        tl.store(part_acc_ptr + acc_at[:, None] + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+        # every thread's stores are done before the count (barrier); the atomic releases them to the
+        # GPU and, in the program that arrives last, acquires the other programs' stores
+        tl.debug_barrier()
+        counter = arrived_ptr + tile * tl.num_programs(1) + head
+        live_splits = tl.cdiv(key_end, _split_chunk(key_end, NUM_SPLITS, BLOCK_N))
+        if tl.atomic_add(counter, 1, sem="acq_rel") == live_splits - 1:
+            tl.store(counter, 0)                 # ready for the next launch (the next layer)
+            _merge_partials(out_ptr, part_ml_ptr, part_acc_ptr, rows, row_ok, head, live_splits, d, d_ok,
+                            stride_on, stride_oh, stride_mlk, stride_mls, stride_mln, stride_as, stride_an,
+                            stride_ah, BLOCK_M, HEAD_DIM_P2, NUM_SPLITS)
 
 
 @triton.jit
-def _merge_splits_kernel(
-    out_ptr, part_ml_ptr, part_acc_ptr,
-    tables_ptr, context_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr, num_tiles_ptr,
-    stride_on, stride_oh, stride_mlk, stride_mls, stride_mln, stride_as, stride_an, stride_ah,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    """One program per (tile, head): the exact softmax of the tile's rows from their chunks' partials,
-    ``M = max m_s``, ``out = Σ 2^(m_s - M) acc_s / Σ 2^(m_s - M) l_s``. Only the chunks that hold keys
-    are read (the others were never written); chunk 0 always holds key 0, which every row sees."""
-    pdl_launch_next(USE_PDL)
-    tile = tl.program_id(0)
-    head = tl.program_id(1)
-    if tile >= tl.load(num_tiles_ptr):
-        return
-    seq, first, q_start, q_end, prefix, rows, key_end = _tile_extent(
-        tile, tables_ptr, context_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr, BLOCK_M)
-    pdl_wait(USE_PDL)
-    row_ok = rows < q_end
-    live_splits = tl.cdiv(key_end, _split_chunk(key_end, NUM_SPLITS, BLOCK_N))
-    d = tl.arange(0, HEAD_DIM_P2)
-    d_ok = d < HEAD_DIM
+def _merge_partials(out_ptr, part_ml_ptr, part_acc_ptr, rows, row_ok, head, live_splits, d, d_ok,
+                    stride_on, stride_oh, stride_mlk, stride_mls, stride_mln, stride_as, stride_an, stride_ah,
+                    BLOCK_M: tl.constexpr, HEAD_DIM_P2: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """The exact softmax of a tile's rows from its chunks' partials, ``M = max m_s``,
+    ``out = Σ 2^(m_s - M) acc_s / Σ 2^(m_s - M) l_s``. Only the ``live_splits`` chunks that hold keys
+    are read (the others were never written); chunk 0 always holds key 0, which every row sees. The
+    partials were written by other programs: read from L2 (``.cg``), never from a stale L1 line."""
     at = rows.to(tl.int64) * stride_mln + head                                  # (BLOCK_M,)
     acc_at = rows.to(tl.int64) * stride_an + head * stride_ah
     m_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     for s in tl.static_range(NUM_SPLITS):
         ok = row_ok & (s < live_splits)
-        m_max = tl.maximum(m_max, tl.load(part_ml_ptr + s * stride_mls + at, mask=ok, other=float("-inf")))
+        m_max = tl.maximum(m_max, tl.load(part_ml_ptr + s * stride_mls + at, mask=ok, other=float("-inf"),
+                                          cache_modifier=".cg"))
+    m_use = tl.where(row_ok, m_max, 0.0)         # rows past the tile's end: no -inf - -inf (NaN)
     l_sum = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM_P2), tl.float32)
     for s in tl.static_range(NUM_SPLITS):
         ok = row_ok & (s < live_splits)
-        m_s = tl.load(part_ml_ptr + s * stride_mls + at, mask=ok, other=float("-inf"))
-        w = tl.exp2(m_s - m_max)                                                # 0 for empty chunks
-        w = tl.where(ok, w, 0.0)
-        l_sum += w * tl.load(part_ml_ptr + stride_mlk + s * stride_mls + at, mask=ok, other=0.0)
+        m_s = tl.load(part_ml_ptr + s * stride_mls + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        w = tl.where(ok, tl.exp2(m_s - m_use), 0.0)                             # 0 for empty chunks
+        l_sum += w * tl.load(part_ml_ptr + stride_mlk + s * stride_mls + at, mask=ok, other=0.0,
+                             cache_modifier=".cg")
         a = tl.load(part_acc_ptr + s * stride_as + acc_at[:, None] + d[None, :],
-                    mask=ok[:, None] & d_ok[None, :], other=0.0)                # (BLOCK_M, Dh)
+                    mask=ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")   # (BLOCK_M, Dh)
         acc += w[:, None] * a
-    out = acc / l_sum[:, None]
+    out = acc / tl.where(row_ok, l_sum, 1.0)[:, None]
     out_rows = rows.to(tl.int64) * stride_on + head * stride_oh
     tl.store(out_ptr + out_rows[:, None] + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -288,7 +288,7 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       tile_seq: torch.Tensor, tile_row: torch.Tensor, num_tiles: torch.Tensor,
                       grid_tiles: int, block_m: int, out: torch.Tensor | None = None,
                       block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                      num_splits: int = 1) -> torch.Tensor:
+                      num_splits: int = 1, split_counters: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of every new query row ``q`` (N, H, Dh) against its sequence's keys → (N, H, Dh).
 
     ``k_cache``/``v_cache``: one layer of the pool ``(blocks, block_size, H, Dh)``, already holding the
@@ -299,9 +299,12 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     a tile (padding) are left as they are in ``out``. ``block_n``: keys per loop trip (default:
     :func:`default_block_n`).
 
-    ``num_splits`` > 1: split-KV — each tile's keys in that many chunks, one program each, then a
-    merge kernel. Its fp32 scratch ``(S, N, H, Dh + 2)`` is allocated here with a shape fixed by the
-    arguments, so inside a captured graph it is allocated once, at capture, in the graph's pool.
+    ``num_splits`` > 1: split-KV — each tile's keys in that many chunks, one program each; the last
+    of a (tile, head)'s programs to finish merges them. Its fp32 scratch ``(S, N, H, Dh + 2)`` is
+    allocated here with a shape fixed by the arguments, so inside a captured graph it is allocated
+    once, at capture, in the graph's pool. ``split_counters``: int32, at least ``grid_tiles * H``
+    of them, all 0, and left 0 by the launch, so one buffer serves every layer and every replay
+    (TritonAttention keeps one); without it a zeroed one is made here, one more kernel.
     """
     N, H, Dh = q.shape
     if k_cache.stride(-1) != 1 or q.stride(-1) != 1:
@@ -317,14 +320,21 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if num_splits > 1:
         part_ml = torch.empty(2, num_splits, N, H, dtype=torch.float32, device=q.device)       # m and l
         part_acc = torch.empty(num_splits, N, H, Dh, dtype=torch.float32, device=q.device)
+        if split_counters is None:
+            split_counters = torch.zeros(grid_tiles * H, dtype=torch.int32, device=q.device)
+        elif (split_counters.dtype != torch.int32 or split_counters.device != q.device
+              or not split_counters.is_contiguous() or split_counters.numel() < grid_tiles * H):
+            raise ValueError(f"split_counters must be a contiguous int32 tensor of at least grid_tiles * H = "
+                             f"{grid_tiles * H} zeros on {q.device}, got {split_counters.dtype} "
+                             f"{tuple(split_counters.shape)} on {split_counters.device}")
     else:
-        part_ml = part_acc = out                                                            # not read
+        part_ml = part_acc = split_counters = out                                           # not read
     consts = dict(HEAD_DIM=Dh, HEAD_DIM_P2=max(16, triton.next_power_of_2(Dh)), BLOCK_M=block_m, BLOCK_N=block_n,
                   NUM_SPLITS=num_splits)
     part_strides = (part_ml.stride(0), part_ml.stride(1), part_ml.stride(2),
                     part_acc.stride(0), part_acc.stride(1), part_acc.stride(2))
     _unified_attention_kernel[(grid_tiles, H, num_splits)](
-        q, k_cache, v_cache, out, part_ml, part_acc,
+        q, k_cache, v_cache, out, part_ml, part_acc, split_counters,
         block_tables, context_lens, query_start, tile_seq, tile_row, num_tiles,
         LOG2_E / math.sqrt(Dh),
         q.stride(0), q.stride(1),
@@ -336,10 +346,4 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         IEEE=fp32 and not _interpreting(), WHILE_LOOP=_interpreting(),
         num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl, **consts,
     )
-    if num_splits > 1:
-        _merge_splits_kernel[(grid_tiles, H)](
-            out, part_ml, part_acc, block_tables, context_lens, query_start, tile_seq, tile_row, num_tiles,
-            out.stride(0), out.stride(1), *part_strides, num_warps=4 if block_m > 16 else 2,
-            USE_PDL=pdl, launch_pdl=pdl, **consts,
-        )
     return out
