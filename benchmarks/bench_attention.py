@@ -39,9 +39,13 @@ sys.path.insert(0, str(ROOT))
 
 from course_lib import perf  # noqa: E402
 from course_lib.engine import triton_unified as tu  # noqa: E402
+from course_lib.engine import attention_tiles as at  # noqa: E402
 from course_lib.engine.attention import multiprocessor_count  # noqa: E402
 from course_lib.engine.attention_tiles import build_tiles, kv_splits_for, max_tiles, tile_rows_for  # noqa: E402
 from course_lib.engine.config import DEFAULT_MAX_KV_SPLITS  # noqa: E402
+
+#: GPT-2's context (n_positions): the most keys an engine step of GPT-2 can have
+GPT2_CONTEXT = 1024
 
 RESULTS = {"correctness": [], "kernel": [], "sweep": [], "engine": [], "errors": []}
 T0 = time.perf_counter()
@@ -249,7 +253,8 @@ def kernel_timings(device, smoke, peak_gbps):
             for ctx in contexts:
                 try:
                     step = decode_step(B, ctx, H, Dh, device, dtype, min_bytes)
-                    S = kv_splits_for(step.grid, H, step.block_m, sms, DEFAULT_MAX_KV_SPLITS)
+                    # the engine's choice for a model whose context is ctx
+                    S = kv_splits_for(step.grid, H, step.block_m, sms, DEFAULT_MAX_KV_SPLITS, ctx, Dh * step.q.element_size())
                     plain = timed(step, device, num_splits=1)
                     split = timed(step, device, num_splits=S) if S > 1 else plain
                     gb = step.kv_bytes() / 1e9
@@ -274,7 +279,7 @@ def sweep(device, smoke):
         return
     dtype, H, Dh = torch.bfloat16, 25, 64
     auto = kv_splits_for(1, H, 16, multiprocessor_count(device), DEFAULT_MAX_KV_SPLITS)
-    log(f"\nsweep, B=1, 25 heads x 64 (engine's S for this bucket: {auto}; SPLIT_BLOCK_N={tu.SPLIT_BLOCK_N})")
+    log(f"\nsweep, B=1, 25 heads x 64 (engine's S for this bucket: {auto}; SPLIT_BLOCK_N={at.SPLIT_BLOCK_N})")
     for ctx in (512, 2048, 8192):
         try:
             step = decode_step(1, ctx, H, Dh, device, dtype, 256 << 20)
@@ -283,7 +288,7 @@ def sweep(device, smoke):
             continue
         best = None
         configs = [(S, bn, 4) for S in sorted({8, 16, auto, 32, 64}) for bn in (32, 64, 128)]
-        configs += [(S, tu.SPLIT_BLOCK_N, 2) for S in sorted({8, 16, auto, 32, 64})]
+        configs += [(S, at.SPLIT_BLOCK_N, 2) for S in sorted({8, 16, auto, 32, 64})]
         for S, block_n, warps in configs:
             if time.perf_counter() - T0 > DEADLINE_S:
                 log(f"  sweep stopped at {DEADLINE_S} s (the run must finish in 3 minutes)")
@@ -299,15 +304,15 @@ def sweep(device, smoke):
                 best = (t, S, block_n, warps)
         if best:
             cur = [r["s"] for r in RESULTS["sweep"] if r["ctx"] == ctx and r["num_splits"] == auto
-                   and r["block_n"] == tu.SPLIT_BLOCK_N and r["num_warps"] == 4]
+                   and r["block_n"] == at.SPLIT_BLOCK_N and r["num_warps"] == 4]
             log(f"  ctx {ctx:5}: best {best[0] * 1e6:6.1f} us at S={best[1]} block_n={best[2]} warps={best[3]}; "
-                f"defaults (S={auto}, block_n={tu.SPLIT_BLOCK_N}, warps=4): "
+                f"defaults (S={auto}, block_n={at.SPLIT_BLOCK_N}, warps=4): "
                 f"{cur[0] * 1e6 if cur else float('nan'):6.1f} us")
         del step
         gc.collect()
 
 
-def decode_sweep(device, smoke, ctx=576, deadline_s=300):
+def decode_sweep(device, smoke, ctx=576, deadline_s=300, batches=(1, 8, 32)):
     """The bench_engine decode rows' attention calls (GPT-2 124M and XL heads, batches 1, 8, 32,
     context ~576, padded to the engine's bucket): split count x key block x warps x stages, each
     timed over enough layers that L2 does not hold the K/V, beside the engine's current choice."""
@@ -317,9 +322,10 @@ def decode_sweep(device, smoke, ctx=576, deadline_s=300):
     t0 = time.perf_counter()
     log(f"\ndecode sweep, ctx {ctx}: per layer call, us (GB/s of the K/V a call must read)")
     for H, name in ((12, "gpt2"), (25, "gpt2-xl")):
-        for B in (1, 8, 32):
+        for B in batches:
             step = decode_step(B, ctx, H, 64, device, dtype, 256 << 20)
-            auto = kv_splits_for(step.grid, H, step.block_m, sms, DEFAULT_MAX_KV_SPLITS)
+            auto = kv_splits_for(step.grid, H, step.block_m, sms, DEFAULT_MAX_KV_SPLITS, GPT2_CONTEXT,
+                                 64 * step.q.element_size())           # the engine's choice for GPT-2
             rows = []
             for S in (1, 2, 4, 8, 16, 32):
                 for block_n in (32, 64, 128):
@@ -396,6 +402,9 @@ def main():
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU through TRITON_INTERPRET=1)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: correctness,kernel,sweep,engine,decode_sweep")
+    p.add_argument("--decode-batches", default="1,8,32", help="batches of the decode sweep")
+    p.add_argument("--decode-deadline", type=float, default=300, help="seconds after which the decode sweep "
+                   "times only the engine's choice")
     a = p.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -405,7 +414,7 @@ def main():
     RESULTS["meta"] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
                        or "cpu", "sms": multiprocessor_count(device), "torch": torch.__version__,
                        "triton": triton.__version__, "python": platform.python_version(),
-                       "split_block_n": tu.SPLIT_BLOCK_N, "max_kv_splits": DEFAULT_MAX_KV_SPLITS,
+                       "split_block_n": at.SPLIT_BLOCK_N, "max_kv_splits": DEFAULT_MAX_KV_SPLITS,
                        "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     log(RESULTS["meta"])
     peak = None
@@ -423,7 +432,8 @@ def main():
              ("kernel", lambda: kernel_timings(device, smoke, peak)),
              ("engine", lambda: engine_timing(device, smoke)),
              ("sweep", lambda: sweep(device, smoke)),
-             ("decode_sweep", lambda: decode_sweep(device, smoke))]
+             ("decode_sweep", lambda: decode_sweep(device, smoke, deadline_s=a.decode_deadline,
+                                                   batches=[int(b) for b in a.decode_batches.split(",")]))]
     for name, fn in parts:
         if name in skip:
             continue

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import run_interpreted
 
-from course_lib.engine.attention_tiles import PROGRAMS_PER_SM, kv_splits_for, max_tiles
+from course_lib.engine.attention_tiles import PROGRAMS_PER_SM, default_block_n, kv_splits_for, max_tiles
 from course_lib.engine.config import DEFAULT_MAX_KV_SPLITS, EngineConfig
 from course_lib.engine.step_graphs import StepBuffers, token_buckets
 from course_lib.errors import ConfigError
@@ -43,6 +43,36 @@ def test_split_count_fills_the_gpu_at_batch_1_and_is_off_when_the_grid_is_full()
             kv_splits_for(bad, 25, 16, sms, 32)
         with pytest.raises(ConfigError, match="positive integer"):
             kv_splits_for(1, 25, 16, sms, bad)
+
+
+def test_split_count_stops_where_no_chunk_could_hold_keys():
+    """A chunk is at least one key trip, so with at most ``max_keys`` keys (the model's context) a
+    tile never has more than ceil(max_keys / trip) chunks that hold keys: the count stops there, and
+    every context up to max_keys is cut into the same live chunks as without the bound."""
+    sms = 132
+    assert kv_splits_for(1, 12, 16, sms, 32, max_keys=1024) == 8         # GPT-2 124M batch 1: 32 -> 8
+    assert kv_splits_for(1, 25, 16, sms, 32, max_keys=1024) == 8         # XL: 22 -> 8
+    assert kv_splits_for(1, 12, 16, sms, 32, max_keys=1024, head_bytes=256) == 16   # wide heads: 64-key trips
+    assert kv_splits_for(8, 12, 16, sms, 32, max_keys=1024) == 6         # already under the bound
+    assert kv_splits_for(1, 12, 16, sms, 32, max_keys=100) == 1          # one trip holds every key
+
+    def live_chunks(key_end, splits, trip):
+        """(keys per chunk, chunks with keys) as the kernel cuts them (triton_unified._split_chunk)."""
+        if splits == 1:
+            return key_end, 1
+        chunk = -(-(-(-key_end // splits)) // trip) * trip
+        return chunk, -(-key_end // chunk)
+
+    for grid in (1, 2, 4, 8, 16):
+        for max_keys in (1, 100, 128, 576, 1024, 2048):
+            free = kv_splits_for(grid, 12, 16, sms, 32)
+            bound = kv_splits_for(grid, 12, 16, sms, 32, max_keys=max_keys)
+            assert 1 <= bound <= free
+            trip = default_block_n(16, grid, free, 128)
+            for key_end in range(1, max_keys + 1):
+                a = live_chunks(key_end, free, trip)
+                b = live_chunks(key_end, bound, default_block_n(16, grid, bound, 128))
+                assert a == b or a[1] == b[1] == 1, (grid, max_keys, key_end, free, bound, a, b)
 
 
 def test_split_count_is_fixed_per_graph_bucket():
@@ -188,7 +218,8 @@ import course_lib.engine.triton_unified as tu
 from course_lib.engine import LLM, SamplingParams
 from course_lib.tiny import load_tiny
 
-tu.SPLIT_BLOCK_N = tu.SPLIT_BLOCK_N_FEW = 16   # short trips: the tiny model's 20..80 keys span several chunks
+import course_lib.engine.attention_tiles as at
+at.SPLIT_BLOCK_N = at.SPLIT_BLOCK_N_FEW = 16   # short trips: the tiny model's 20..80 keys span several chunks
 used = []
 plain = tu.unified_attention
 def counting(*a, num_splits=1, **k):

@@ -159,19 +159,23 @@ def multiprocessor_count(device: torch.device) -> int:
 
 class TritonAttention:
     """``max_kv_splits``: at most this many key chunks per (tile, head) in small steps (split-KV, see
-    triton_unified.py); 1 = every (tile, head) walks its keys in one program."""
+    triton_unified.py); 1 = every (tile, head) walks its keys in one program. ``max_keys`` (the
+    model's context) and ``head_bytes`` (one head's key, in bytes) bound the chunks that can ever
+    hold keys (attention_tiles.kv_splits_for)."""
 
     name = "triton"
 
-    def __init__(self, max_kv_splits: int = 1):
+    def __init__(self, max_kv_splits: int = 1, max_keys: int | None = None, head_bytes: int = 128):
         if isinstance(max_kv_splits, bool) or not isinstance(max_kv_splits, int) or max_kv_splits < 1:
             raise ConfigError(f"max_kv_splits must be a positive integer, got {max_kv_splits!r}")
         self.max_kv_splits = max_kv_splits
+        self.max_keys, self.head_bytes = max_keys, head_bytes
         self._split_counters: dict[torch.device, torch.Tensor] = {}
 
     def num_splits(self, meta: "TritonMetadata", num_heads: int, device: torch.device) -> int:
         """Key chunks of this step's grid: from static sizes only, so fixed per graph bucket."""
-        return kv_splits_for(meta.grid, num_heads, meta.block_m, multiprocessor_count(device), self.max_kv_splits)
+        return kv_splits_for(meta.grid, num_heads, meta.block_m, multiprocessor_count(device), self.max_kv_splits,
+                             self.max_keys, self.head_bytes)
 
     def split_counters(self, device: torch.device) -> torch.Tensor:
         """Split-KV's arrival counters (triton_unified.py): int32 zeros that every launch leaves at
@@ -220,9 +224,10 @@ class TritonAttention:
                                  split_counters=self.split_counters(q.device) if splits > 1 else None)
 
 
-def make_attention(name: str, max_kv_splits: int = 1):
+def make_attention(name: str, max_kv_splits: int = 1, max_keys: int | None = None, head_bytes: int = 128):
     """``"torch"`` or ``"triton"`` (EngineConfig.resolve has checked that it can run here);
-    ``max_kv_splits``: the Triton path's split-KV cap (1: off)."""
+    ``max_kv_splits``: the Triton path's split-KV cap (1: off); ``max_keys``, ``head_bytes``: the
+    model's context and one head's key size (bytes), which bound the useful split count."""
     if name == "triton":
-        return TritonAttention(max_kv_splits)
+        return TritonAttention(max_kv_splits, max_keys, head_bytes)
     return TorchAttention()

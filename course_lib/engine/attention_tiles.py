@@ -50,11 +50,34 @@ def build_tiles(query_start: list[int], context_lens: list[int], block_m: int) -
     return [s for _, s, _ in tiles], [r for _, _, r in tiles]
 
 
+#: keys per loop trip of the split-KV path: a chunk is at least this long (a whole number of trips),
+#: so short contexts use few splits and long ones all of them; SPLIT_BLOCK_N_FEW for steps of at most
+#: FEW_TILES tiles (a few decodes), SPLIT_BLOCK_N for more
+SPLIT_BLOCK_N = 64
+SPLIT_BLOCK_N_FEW = 128
+#: a step of at most this many tiles is "a few decodes": its programs walk 128 keys a trip. On an
+#: H200 at context 576 (benchmarks/bench_attention.py, decode_sweep), per layer call: GPT-2 124M
+#: batch 1 8.5 us with 64-key chunks → 5.9 us with 128, batch 8 11.2 → 9.7 us; GPT-2 XL batch 1
+#: 8.4 → 7.2 us. With many tiles (GPT-2 XL batch 32, no split) 64-key trips win: 39.4 → 34.5 us
+FEW_TILES = 8
+
+
+def default_block_n(block_m: int, grid_tiles: int, num_splits: int, head_bytes: int) -> int:
+    """Keys per loop trip: 128 for 16-row tiles (decode-sized steps) of at most :data:`FEW_TILES`
+    tiles and for 128-row tiles (a few long prompts: half the trips), where K and V of heads up to
+    128 bytes keep shared memory small; else 64 (on the split path, the SPLIT_BLOCK_N constants)."""
+    few_decodes = block_m == 16 and grid_tiles <= FEW_TILES
+    if num_splits > 1:
+        return SPLIT_BLOCK_N_FEW if few_decodes and head_bytes <= 128 else SPLIT_BLOCK_N
+    return 128 if (few_decodes or block_m == 128) and head_bytes <= 128 else 64
+
+
 #: programs per SM the split-KV path aims for: enough resident programs to keep memory requests in flight
 PROGRAMS_PER_SM = 4
 
 
-def kv_splits_for(grid_tiles: int, num_heads: int, block_m: int, num_sms: int, max_splits: int) -> int:
+def kv_splits_for(grid_tiles: int, num_heads: int, block_m: int, num_sms: int, max_splits: int,
+                  max_keys: int | None = None, head_bytes: int = 128) -> int:
     """Key chunks per (tile, head) of the split-KV path (flash-decoding), from static sizes only.
 
     The plain kernel launches ``grid_tiles * num_heads`` programs; at batch 1 that is one per head
@@ -62,6 +85,14 @@ def kv_splits_for(grid_tiles: int, num_heads: int, block_m: int, num_sms: int, m
     about ``PROGRAMS_PER_SM * num_sms`` programs, at most ``max_splits``; 1 where the plain grid is
     already that big, and for prefill-sized steps (``block_m`` > 16, many 64-row tiles). The grid
     and ``block_m`` are fixed per CUDA-graph bucket, so the answer is too.
+
+    ``max_keys``: the most keys a sequence can have (the model's context). A chunk is at least one
+    key trip (:func:`default_block_n`, ``head_bytes`` per head), so a tile never has more than
+    ``ceil(max_keys / trip)`` chunks that hold keys: more splits would only launch programs that
+    exit at once (and lengthen the merge's loop over the chunks). GPT-2's 1,024 positions in
+    128-key trips: at most 8. On an H200 at context 576, GPT-2 124M batch 1 (12 heads), one layer's
+    call took 8.8 us with 32 splits and 7.3 us with 8 — the same five live chunks either way
+    (benchmarks/bench_attention.py's decode sweep, results/2026-12-02_nvidia-h200_attention_decode_sweep.json).
     """
     for name, value in (("grid_tiles", grid_tiles), ("num_heads", num_heads), ("block_m", block_m),
                         ("num_sms", num_sms), ("max_splits", max_splits)):
@@ -70,7 +101,10 @@ def kv_splits_for(grid_tiles: int, num_heads: int, block_m: int, num_sms: int, m
     if max_splits == 1 or block_m > 16:
         return 1
     want = -(-PROGRAMS_PER_SM * num_sms // (grid_tiles * num_heads))
-    return max(1, min(max_splits, want))
+    splits = max(1, min(max_splits, want))
+    if max_keys is not None and splits > 1:
+        splits = max(1, min(splits, -(-max_keys // default_block_n(block_m, grid_tiles, splits, head_bytes))))
+    return splits
 
 
 def split_grid_bound(num_sms: int) -> int:

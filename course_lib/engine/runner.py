@@ -159,8 +159,9 @@ def build_runner(model: GPT, config: EngineConfig, num_kv_blocks: int, tp=None) 
     kv = PagedKVCache(cfg, num_kv_blocks, config.block_size, config.dtype, device,
                       triton_write=device.type == "cuda" and config.attention == "triton",
                       num_heads=cfg.n_head // config.tensor_parallel_size)
-    runner = ModelRunner(model, kv, make_attention(config.attention, config.max_kv_splits), tp,
-                         fused_kernels=bool(config.fused_kernels))
+    head_bytes = cfg.head_dim * torch.finfo(config.dtype).bits // 8
+    attention = make_attention(config.attention, config.max_kv_splits, cfg.n_positions, head_bytes)
+    runner = ModelRunner(model, kv, attention, tp, fused_kernels=bool(config.fused_kernels))
     runner.sampled_tokens = torch.zeros(config.max_num_seqs, dtype=torch.long, device=device)   # (S,)
     if config.cuda_graphs:
         from .step_graphs import StepGraphs

@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from .pdl import pdl_enabled, pdl_launch_next, pdl_wait
-from .attention_tiles import build_tiles, kv_splits_for, max_tiles, tile_rows_for  # noqa: F401  (the host side)
+from .attention_tiles import build_tiles, default_block_n, kv_splits_for, max_tiles, tile_rows_for  # noqa: F401  (the host side)
 
 LOG2_E = 1.4426950408889634          # exp(x) = exp2(x * log2(e)); exp2 is the hardware instruction
 
@@ -259,28 +259,6 @@ def _merge_partials(out_ptr, part_ml_ptr, part_acc_ptr, rows, row_ok, head, live
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-#: keys per loop trip of the split-KV path: a chunk is at least this long (a whole number of trips),
-#: so short contexts use few splits and long ones all of them; SPLIT_BLOCK_N_FEW for steps of at most
-#: FEW_TILES tiles (a few decodes), SPLIT_BLOCK_N for more
-SPLIT_BLOCK_N = 64
-SPLIT_BLOCK_N_FEW = 128
-#: a step of at most this many tiles is "a few decodes": its programs walk 128 keys a trip. On an
-#: H200 at context 576 (benchmarks/bench_attention.py, decode_sweep), per layer call: GPT-2 124M
-#: batch 1 8.5 us with 64-key chunks → 5.9 us with 128, batch 8 11.2 → 9.7 us; GPT-2 XL batch 1
-#: 8.4 → 7.2 us. With many tiles (GPT-2 XL batch 32, no split) 64-key trips win: 39.4 → 34.5 us
-FEW_TILES = 8
-
-
-def default_block_n(block_m: int, grid_tiles: int, num_splits: int, head_bytes: int) -> int:
-    """Keys per loop trip: 128 for 16-row tiles (decode-sized steps) of at most :data:`FEW_TILES`
-    tiles and for 128-row tiles (a few long prompts: half the trips), where K and V of heads up to
-    128 bytes keep shared memory small; else 64 (on the split path, the SPLIT_BLOCK_N constants)."""
-    few_decodes = block_m == 16 and grid_tiles <= FEW_TILES
-    if num_splits > 1:
-        return SPLIT_BLOCK_N_FEW if few_decodes and head_bytes <= 128 else SPLIT_BLOCK_N
-    return 128 if (few_decodes or block_m == 128) and head_bytes <= 128 else 64
 
 
 def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
