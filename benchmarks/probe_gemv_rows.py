@@ -307,9 +307,30 @@ def dot_configs(K: int, N: int) -> list[G.RowsConfig]:
     return out
 
 
+#: SMs of the H200 the tile candidates are sized for: splits that bring a shape's grid to 1-2 waves
+SMS = 132
+
+
+def tile_block_configs(M: int, K: int, N: int) -> list[G.GemvConfig]:
+    """The tile kernel with one block of token rows for all ``M`` (16-64: the weights are read once,
+    where 16-row blocks read them ``M / 16`` times), deeper software pipelining, and K split so the
+    grid fills the GPU once or twice."""
+    block_m = min(64, max(16, triton.next_power_of_2(M)))
+    out = []
+    for bn in (64, 128):
+        for bk in (128,):
+            for waves in (1, 2):
+                split = max(1, min(K // bk, round(waves * SMS / triton.cdiv(N, bn))))
+                for stages in (3, 4):
+                    out.append(G.GemvConfig(block_n=bn, block_k=bk, split=split, num_warps=4, use_dot=True,
+                                            block_m=block_m, num_stages=stages))
+    return sorted(set(out), key=repr)
+
+
 def rows_dot_part():
     """The row kernel on the tensor cores (``use_dot``) at 4-32 token rows against cuBLAS and the
-    tile kernel; the fastest per (shape, rows) goes into ``RES['table']`` (None: cuBLAS)."""
+    tile kernel (at 32 rows also in one 32-row block, :func:`tile_block_configs`); the fastest per
+    (shape, rows) goes into ``RES['table']`` (None: cuBLAS)."""
     table = {}
     for model, shapes in SHAPES.items():
         for K, N in shapes:
@@ -321,6 +342,8 @@ def rows_dot_part():
                 row = {"model": model, "K": K, "N": N, "M": M, "ours": []}
                 row["cublas_s"] = cublas_nk_s(x, b, nk, outs)
                 cands = dot_configs(K, N) + [G.default_config(M, K, N, True)]
+                if M == 32:                                   # 16 rows: already one block
+                    cands += tile_block_configs(M, K, N)
                 if b is None:                                 # an LM head: bench_kernels.py's tiles for it
                     cands += HEAD_TILES
                 best, best_t = None, row["cublas_s"]

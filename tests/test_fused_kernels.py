@@ -56,8 +56,18 @@ for dtype in (torch.float32, torch.bfloat16):
             out = torch.full((M, N), float("nan"), dtype=dtype)
             assert gemv(x, w, b, out=out, config=cfg) is out and not out.isnan().any()
             n += 3
+# 32-row blocks of token rows on the tensor cores: one block (20 rows), two blocks (40 rows)
+for dtype in (torch.float32, torch.bfloat16):
+    K, N = 130, 257
+    w, b = (torch.randn(K, N) / K ** 0.5).to(dtype), torch.randn(N, dtype=dtype)
+    cfg = GemvConfig(block_n=32, block_k=32, split=2, use_dot=True, block_m=32, num_stages=2)
+    for M in (20, 40):
+        x = torch.randn(M, K, dtype=dtype)
+        close(gemv(x, w, b, config=cfg), x.float() @ w.float() + b.float(), dtype, ("32-row blocks", M, dtype))
+        n += 1
 for bad in (lambda: gemv(torch.randn(2, 5), torch.randn(6, 3)), lambda: gemv(torch.randn(5, 4).t(), torch.randn(5, 3)),
-            lambda: gemv(torch.randn(2, 5), torch.randn(5, 3), out=torch.empty(3, 2))):
+            lambda: gemv(torch.randn(2, 5), torch.randn(5, 3), out=torch.empty(3, 2)),
+            lambda: gemv(torch.randn(2, 5), torch.randn(5, 3), config=GemvConfig(use_dot=True, block_m=24))):
     try:
         bad()
         raise SystemExit("bad gemv input accepted")

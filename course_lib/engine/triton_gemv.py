@@ -66,14 +66,18 @@ ROWS_TARGET_PROGRAMS = 512
 @dataclass(frozen=True)
 class GemvConfig:
     """One launch shape: ``block_n`` output columns a program, ``block_k`` K rows a loop trip,
-    ``split`` programs sharing each column slice's K, ``use_dot``: ``tl.dot`` on 16 padded rows
-    (else a multiply-and-sum on ``next_power_of_2(M)`` rows)."""
+    ``split`` programs sharing each column slice's K, ``use_dot``: ``tl.dot`` on ``block_m`` padded
+    token rows (16, 32 or 64; else a multiply-and-sum on ``next_power_of_2(M)`` rows, at most 16).
+    Every block of token rows reads the weights once, so 32 rows in blocks of 16 read them twice.
+    ``num_stages``: loop trips whose loads are in flight at once (Triton's software pipelining)."""
 
     block_n: int = 128
     block_k: int = 64
     split: int = 1
     num_warps: int = 4
     use_dot: bool = False
+    block_m: int = 16
+    num_stages: int = 3
 
     def k_per_split(self, K: int) -> int:
         """K rows of one split, a multiple of ``block_k``."""
@@ -470,7 +474,9 @@ def _launch(x, w, bias, out, config, gelu: bool, partial: bool) -> None:
     interp = _interpreting()
     pdl = pdl_enabled(x.device)
     fp32 = x.dtype == torch.float32 or w.dtype == torch.float32
-    block_m = 16 if config.use_dot else min(triton.next_power_of_2(max(M, 1)), 16)
+    if config.use_dot and config.block_m not in (16, 32, 64):
+        raise InputError(f"GemvConfig.block_m must be 16, 32 or 64 on the tensor-core path, got {config.block_m}")
+    block_m = config.block_m if config.use_dot else min(triton.next_power_of_2(max(M, 1)), 16)
     grid = (triton.cdiv(N, config.block_n), config.num_splits(K), triton.cdiv(M, block_m))
     _gemv_kernel[grid](
         x, w, bias if bias is not None else w, out, M, N, K, config.k_per_split(K),
@@ -478,7 +484,7 @@ def _launch(x, w, bias, out, config, gelu: bool, partial: bool) -> None:
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         USE_DOT=config.use_dot, DOT_FP32=fp32 or interp, IEEE=fp32 and not interp,
         HAS_BIAS=bias is not None, GELU=gelu, PARTIAL=partial, WHILE_LOOP=interp,
-        USE_PDL=pdl, num_warps=config.num_warps, launch_pdl=pdl)
+        USE_PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl)
 
 
 def gemv_partials(x: torch.Tensor, w: torch.Tensor, config: "GemvConfig | RowsConfig") -> torch.Tensor:
