@@ -239,6 +239,8 @@ assert set(used) == {1}, used
 used.clear()
 on = LLM(model, attention="triton", max_kv_splits=4, **opts)
 assert on.engine.runner.attention.max_kv_splits == 4
+assert on.engine.runner.attention.max_keys == model.config.n_positions   # the bound on the chunks: the context
+assert on.engine.runner.attention.head_bytes == model.config.head_dim * 4  # fp32 keys
 got = [o.token_ids for o in on.generate(prompts, p)]
 assert got == want, (got, want)
 assert 4 in used, used                         # small steps (the decodes) were split

@@ -1,4 +1,5 @@
-"""The tile table of the unified attention kernel, built on the host (no Triton needed).
+"""The host side of the unified attention kernel (no Triton needed): its tile table, and the launch
+shape it takes from static sizes only — rows per tile, keys per loop trip, key chunks (split-KV).
 
 The kernel in triton_unified.py runs one program per (tile, head); a tile is ``BLOCK_M``
 consecutive query rows of *one* sequence. Before each step the host lists the tiles — which
