@@ -1,10 +1,11 @@
 """Split-KV decode attention (flash-decoding) of the Triton path: the split count, the config
-option, the split kernel + merge kernel against a plain softmax, and the engine's greedy output
-with the split on equal to it off.
+option, the split kernel (its chunks merged in the same launch) against a plain softmax, and the
+engine's greedy output with the split on equal to it off.
 
 The kernels run through the Triton interpreter in a fresh process (TRITON_INTERPRET=1 must be set
 before they are defined); the host-side choice of the split count is checked directly. The GPU
-side (timings, bf16 on real hardware, inside CUDA graphs) is benchmarks/bench_attention.py.
+side (timings, bf16 on real hardware, inside CUDA graphs) is benchmarks/bench_attention.py, and
+tests/test_engine_gpu.py replays the merge many times with one counter buffer.
 """
 
 import os
