@@ -89,14 +89,14 @@ def profile_steps(llm, prompts, max_tokens: int, skip: int, steps: int) -> list[
     rows = []
     for a, b in windows:
         inside = [k for k in kernels if a <= k.time_range.start < b]
-        per_class: dict[str, float] = {}
-        for k in inside:
-            c = kernel_class(k.name)
-            per_class[c] = per_class.get(c, 0.0) + (k.time_range.end - k.time_range.start)
-        busy = busy_time([(k.time_range.start, k.time_range.end) for k in inside], a, b)
         per_name: dict[str, float] = {}
         for k in inside:
             per_name[k.name] = per_name.get(k.name, 0.0) + (k.time_range.end - k.time_range.start)
+        per_class: dict[str, float] = {}
+        for n, us in per_name.items():
+            c = kernel_class(n)
+            per_class[c] = per_class.get(c, 0.0) + us
+        busy = busy_time([(k.time_range.start, k.time_range.end) for k in inside], a, b)
         rows.append({"wall_us": b - a, "kernels": len(inside), "busy_us": busy, "idle_us": (b - a) - busy,
                      "class_us": per_class, "name_us": per_name})
     return rows

@@ -424,16 +424,13 @@ def _launch_rows(x, w, bias, out, config: RowsConfig, gelu: bool, partial: bool,
         raise InputError(f"the row GEMV takes K-contiguous weights (w.stride(0) == 1), at most {ROWS_MAX_M} rows "
                          f"without tensor cores and 16 or more columns a program with them; got {M} rows, "
                          f"w strides {w.stride()}, {config}")
-    fused = [name for name, given in (("ln", ln), ("residual", residual), ("kv_write", kv_write)) if given is not None]
-    if fused and (partial or config.num_splits(K) != 1):
-        raise InputError(f"{', '.join(fused)} need the whole product in one program's K: a config of one split, "
-                         f"got {config} for K = {K}")
+    # ln, residual and kv_write come from gemv_fused only, which has checked the config is one split
     if ln is not None and config.use_dot:
         raise InputError("ln is taken by the one- or two-row kernel only (use_dot=False); run add_layernorm first")
     if residual is not None and (residual.shape != (M, N) or residual.stride(1) != 1):
         raise InputError(f"residual must be ({M}, {N}) with contiguous rows, got {tuple(residual.shape)}")
-    if kv_write is not None:
-        kv = kv_write
+    kv = kv_write
+    if kv is not None:
         if (not (kv.k_pool.is_contiguous() and kv.v_pool.is_contiguous()) or kv.k_pool.shape != kv.v_pool.shape
                 or kv.start + 2 * kv.row > N or kv.slot_mapping.shape != (M,)):
             raise InputError(f"kv_write needs two contiguous pools of one shape, a slot per token row ({M}) and "
@@ -444,7 +441,6 @@ def _launch_rows(x, w, bias, out, config: RowsConfig, gelu: bool, partial: bool,
     kps = config.k_per_split(K)
     block_m = min(max(16, triton.next_power_of_2(max(M, 1))), 64) if config.use_dot else triton.next_power_of_2(max(M, 1))
     grid = (triton.cdiv(N, config.block_n), config.num_splits(K), triton.cdiv(M, block_m))
-    kv = kv_write
     _gemv_rows_kernel[grid](
         x, w, bias if bias is not None else w, out, M, N, K, kps,
         x.stride(0), w.stride(1), out.stride(-2), out.stride(0) if partial else 0,
