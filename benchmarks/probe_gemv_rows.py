@@ -45,10 +45,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from course_lib import perf  # noqa: E402
 from course_lib.engine import triton_gemv as G  # noqa: E402
+from course_lib.engine.fused_forward import padded_vocab  # noqa: E402
 
+HEAD = padded_vocab(50257)   # the engine's LM head: wte padded to 50,304 rows (fused_forward)
 SHAPES = {   # (K, N): the four products of a layer, then the LM head
-    "gpt2": [(768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)],
-    "gpt2-xl": [(1600, 4800), (1600, 1600), (1600, 6400), (6400, 1600), (1600, 50257)],
+    "gpt2": [(768, 2304), (768, 768), (768, 3072), (3072, 768), (768, HEAD)],
+    "gpt2-xl": [(1600, 4800), (1600, 1600), (1600, 6400), (6400, 1600), (1600, HEAD)],
 }
 LAYERS = {"gpt2": 12, "gpt2-xl": 48}
 RES: dict = {"check": [], "shapes": [], "chain": [], "cublas_rows": [], "rows_m": [], "rows_dot": [], "errors": []}
@@ -328,21 +330,21 @@ def tile_block_configs(M: int, K: int, N: int) -> list[G.GemvConfig]:
 
 
 def rows_dot_part():
-    """The row kernel on the tensor cores (``use_dot``) at 4-32 token rows against cuBLAS and the
-    tile kernel (at 32 rows also in one 32-row block, :func:`tile_block_configs`); the fastest per
-    (shape, rows) goes into ``RES['table']`` (None: cuBLAS)."""
+    """The row kernel on the tensor cores (``use_dot``) at 4-64 token rows against cuBLAS and the
+    tile kernel (at 32 and 64 rows also in one block of all the rows, :func:`tile_block_configs`);
+    the fastest per (shape, rows) goes into ``RES['table']`` (None: cuBLAS)."""
     table = {}
     for model, shapes in SHAPES.items():
         for K, N in shapes:
             nk, b = weights(K, N)
-            for M in (4, 8, 16, 32):
+            for M in (4, 8, 16, 32, 64):
                 x = torch.randn(M, K, device=DEV, dtype=DT)
                 ref = x.float() @ nk[0].float().t() + (b.float() if b is not None else 0)
                 outs = [torch.empty(M, N, device=DEV, dtype=DT) for _ in nk]
                 row = {"model": model, "K": K, "N": N, "M": M, "ours": []}
                 row["cublas_s"] = cublas_nk_s(x, b, nk, outs)
                 cands = dot_configs(K, N) + [G.default_config(M, K, N, True)]
-                if M == 32:                                   # 16 rows: already one block
+                if M >= 32:                                   # 16 rows: already one block
                     cands += tile_block_configs(M, K, N)
                 if b is None:                                 # an LM head: bench_kernels.py's tiles for it
                     cands += HEAD_TILES

@@ -525,8 +525,8 @@ def test_gpu_fused_row_gemv_matches_torch_on_gpt2_shapes():
     """triton_gemv.gemv_fused compiled for the GPU on GPT-2 124M's and XL's shapes, bf16, with the
     config the engine plans for each (plan_gemv; shapes it leaves to cuBLAS or splits are not
     fused, so not tested here): the one- and two-row kernel with the LayerNorm before it, the GELU,
-    the residual add and the QKV product's K/V write into a paged pool; the tensor-core path at 8
-    and 32 rows with the residual and the K/V write."""
+    the residual add and the QKV product's K/V write into a paged pool; the tensor-core path at 8,
+    32 and 64 rows with the residual and the K/V write."""
     import torch.nn.functional as F
     from course_lib.engine.triton_gemv import KVWrite, fusable, gemv_fused, plan_gemv
 
@@ -543,7 +543,7 @@ def test_gpu_fused_row_gemv_matches_torch_on_gpt2_shapes():
         ln = torch.nn.LayerNorm(D, device="cuda", dtype=dt)
         ln.weight.data.normal_(1.0, 0.2)
         ln.bias.data.normal_(0.0, 0.2)
-        for M in (1, 2, 8, 32):
+        for M in (1, 2, 8, 32, 64):
             x = torch.randn(M, D, device="cuda", dtype=dt)
             h = F.layer_norm(x.float(), (D,), ln.weight.float(), ln.bias.float(), ln.eps).to(dt)
             for K, N in ((D, 3 * D), (D, 4 * D), (D, D), (4 * D, D)):
@@ -577,3 +577,33 @@ def test_gpu_fused_row_gemv_matches_torch_on_gpt2_shapes():
     # every fusion the engine runs was reached, on both paths where it runs there
     assert tested >= {("residual", False), ("residual", True), ("ln + gelu", False), ("kv write", False),
                       ("kv write", True)}, tested
+
+
+def test_gpu_planned_gemvs_match_torch_on_gpt2_shapes():
+    """Every product the engine gives to our kernels on GPT-2 124M's and XL's shapes at 3-64 rows
+    (plan_gemv: the row kernel on the tensor cores, the tile kernel in 16- or 32-row blocks, split-K
+    partials, the padded LM head), bf16, against an fp32 product: whole (gemv, bias included) and as
+    the split-K partials the engine sums in its add + LayerNorm."""
+    from course_lib.engine.triton_gemv import GPT2_HEAD, gemv, gemv_partials, plan_gemv
+
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    kinds = set()
+    for D in (768, 1600):
+        for K, N in ((D, 3 * D), (D, D), (D, 4 * D), (4 * D, D), (D, GPT2_HEAD)):
+            w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dt).t()          # K-contiguous, the engine's layout
+            b = None if N == GPT2_HEAD else torch.randn(N, device="cuda", dtype=dt)
+            for M in (3, 4, 8, 16, 32, 64):
+                cfg = plan_gemv(M, K, N, k_contiguous=True)
+                if cfg is None:
+                    continue
+                x = torch.randn(M, K, device="cuda", dtype=dt)
+                ref = x.float() @ w.float() + (0 if b is None else b.float())
+                tol = 1.6e-2 * ref.abs().max().item()
+                err = (gemv(x, w, b, config=cfg).float() - ref).abs().max().item()
+                assert err <= tol, (D, K, N, M, cfg, err)
+                err = (gemv_partials(x, w, cfg).sum(0) + (0 if b is None else b.float()) - ref).abs().max().item()
+                assert err <= tol, ("partials", D, K, N, M, cfg, err)
+                kinds.add((type(cfg).__name__, getattr(cfg, "block_m", None), cfg.split > 1))
+    assert {("GemvConfig", 32, True), ("GemvConfig", 16, False), ("RowsConfig", None, False),
+            ("RowsConfig", None, True)} <= kinds, kinds

@@ -334,8 +334,28 @@ def test_plan_gemv_rules(monkeypatch):
     assert G.plan_gemv(32, 1600, 6400, k_contiguous=True) is None
     assert G.plan_gemv(3, 768, 2304, k_contiguous=True).use_dot                  # 124M's: rows on tensor cores
     assert isinstance(G.plan_gemv(32, 768, 3072, k_contiguous=True), G.RowsConfig)
-    assert isinstance(G.plan_gemv(8, 1600, 50257, k_contiguous=True), G.GemvConfig)   # the LM head: tiles, 4x cuBLAS
-    assert G.plan_gemv(33, 768, 2304, k_contiguous=True) is None                 # past the measured rows: cuBLAS
+    assert isinstance(G.plan_gemv(8, 1600, G.GPT2_HEAD, k_contiguous=True), G.GemvConfig)   # the padded LM head: tiles
+    assert G.plan_gemv(32, 1600, G.GPT2_HEAD, k_contiguous=True) is None                  # ... and cuBLAS at 32 rows
+    assert G.plan_gemv(32, 6400, 1600, k_contiguous=True).block_m == 32                   # one 32-row block
+    assert isinstance(G.plan_gemv(33, 768, 2304, k_contiguous=True), G.RowsConfig)   # measured at 64 rows
+    assert G.plan_gemv(33, 1600, 1600, k_contiguous=True) is None                # not measured past 32: cuBLAS
+    assert G.plan_gemv(G.GEMV_MAX_ROWS + 1, 768, 2304, k_contiguous=True) is None
+
+
+def test_measured_gemv_table_holds_only_products_the_engine_runs():
+    """Every entry of the measured table is a product of GPT-2 124M or XL as the engine runs it:
+    a layer's four projections and the LM head at its padded width (an entry for the unpadded
+    50,257 would never be looked up)."""
+    pytest.importorskip("triton")
+    from course_lib.engine import triton_gemv as G
+    from course_lib.engine.fused_forward import padded_vocab
+
+    assert G.GPT2_HEAD == padded_vocab(50257)
+    shapes = {(D, n) for D in (768, 1600) for n in (3 * D, D, 4 * D, padded_vocab(50257))}
+    shapes |= {(4 * D, D) for D in (768, 1600)}
+    assert {(K, N) for K, N, _, _ in G.MEASURED} <= shapes, {(K, N) for K, N, _, _ in G.MEASURED} - shapes
+    assert all(c for _, _, c, _ in G.MEASURED)                   # the engine's K-contiguous layout
+    assert all(m <= G.GEMV_MAX_ROWS for _, _, _, m in G.MEASURED)
 
 
 def test_fused_kernels_config():

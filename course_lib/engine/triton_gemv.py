@@ -111,38 +111,48 @@ def _dot_rows(block_n: int, split: int, num_warps: int) -> RowsConfig:
     return RowsConfig(block_n=block_n, split=split, num_warps=num_warps, use_dot=True)
 
 
-#: measured choices for K-contiguous weights (the engine's layout) at 3-32 rows, (K, N,
+#: the LM head's width in the engine: GPT-2's 50,257 tokens padded to a multiple of 64
+#: (fused_forward.padded_vocab, which the tests check this against)
+GPT2_HEAD = 50304
+#: measured choices for K-contiguous weights (the engine's layout) at 3-64 rows, (K, N,
 #: k_contiguous, M measured) -> config, or None where cuBLAS was fastest; up to ROWS_MAX_M rows the
 #: row kernel runs without this table. From benchmarks/probe_gemv_rows.py's rows_dot part on an
-#: H200 (torch 2.11, triton 3.6; ``..._probe_gemv_rows_dot.json``): the fastest of cuBLAS, the tile
-#: kernel and the row kernel on the tensor cores over block sizes and splits, each checked against
-#: an fp32 product first. The row kernel took every GPT-2 124M projection (3.1-4.7 us against
-#: cuBLAS's 4.3-8.0) and XL's 1600 -> 1600 (4.0-4.5 against 5.6-6.6); cuBLAS kept XL's wide ones
-#: (7.0-11.2 us; the row kernel's whole-row tiles spill at 32 rows); the tile kernel the LM heads
-#: (23.6-74 us against cuBLAS's 57-220). A step of M rows takes the entry of the smallest measured
-#: M >= its rows; shapes not here use :func:`default_config` up to DEFAULT_MAX_ROWS rows, then cuBLAS.
+#: H200 (torch 2.11, triton 3.6; ``..._probe_gemv_rows_dot.json``, ``..._dot_32.json``,
+#: ``..._dot_head.json``): the fastest of cuBLAS, the tile kernel and the row kernel on the tensor
+#: cores over block sizes and splits, each checked against an fp32 product first. The row kernel
+#: took every GPT-2 124M projection (3.1-4.7 us against cuBLAS's 4.3-8.0) and XL's 1600 -> 1600
+#: (4.0-4.5 against 5.6-6.6); cuBLAS kept XL's wide ones (7.0-11.2 us; the row kernel's whole-row
+#: tiles spill at 32 rows) but for 6400 -> 1600 at 32 rows, where the tile kernel in one 32-row
+#: block took 9.4-9.6 us against 11.3-11.8 (9.5 against 11.5 at 64 rows in one 64-row block); at
+#: the heads' padded width cuBLAS is within 1-2 us of the tile kernel (23.7 against 24.7-25.3 us at
+#: 124M, 44.0 against 44.6-45.6 at XL) and ahead from 32 rows. At 64 rows the row kernel keeps
+#: GPT-2 124M's projections (3.4-5.1 us against cuBLAS's 4.3-8.2). A step of M rows takes the
+#: entry of the smallest measured M >= its rows; shapes not here use :func:`default_config` up to
+#: DEFAULT_MAX_ROWS rows, then cuBLAS.
 MEASURED: dict[tuple[int, int, bool, int], GemvConfig | RowsConfig | None] = {
     # GPT-2 124M
     (768, 2304, True, 4): _dot_rows(32, 1, 4),
     (768, 2304, True, 8): _dot_rows(32, 1, 4),
     (768, 2304, True, 16): _dot_rows(32, 1, 4),
     (768, 2304, True, 32): _dot_rows(32, 1, 8),
+    (768, 2304, True, 64): _dot_rows(32, 1, 4),
     (768, 768, True, 4): _dot_rows(16, 1, 8),
     (768, 768, True, 8): _dot_rows(32, 1, 4),
     (768, 768, True, 16): _dot_rows(16, 1, 8),
     (768, 768, True, 32): _dot_rows(16, 1, 8),
+    (768, 768, True, 64): _dot_rows(32, 1, 4),
     (768, 3072, True, 4): _dot_rows(32, 1, 4),
     (768, 3072, True, 8): _dot_rows(32, 1, 4),
     (768, 3072, True, 16): _dot_rows(32, 1, 4),
     (768, 3072, True, 32): _dot_rows(32, 1, 8),
+    (768, 3072, True, 64): _dot_rows(32, 1, 4),
     (3072, 768, True, 4): _dot_rows(32, 4, 4),
     (3072, 768, True, 8): _dot_rows(32, 4, 4),
     (3072, 768, True, 16): _dot_rows(32, 4, 4),
     (3072, 768, True, 32): _dot_rows(32, 4, 8),
-    (768, 50257, True, 4): GemvConfig(block_n=256, block_k=64, split=1, num_warps=8, use_dot=True),
-    (768, 50257, True, 8): GemvConfig(block_n=256, block_k=64, split=1, num_warps=8, use_dot=True),
-    (768, 50257, True, 16): GemvConfig(block_n=256, block_k=64, split=1, num_warps=8, use_dot=True),
-    (768, 50257, True, 32): GemvConfig(block_n=128, block_k=64, split=1, num_warps=8, use_dot=True),
+    (3072, 768, True, 64): _dot_rows(32, 4, 4),
+    (768, GPT2_HEAD, True, 16): GemvConfig(block_n=256, block_k=64, split=1, num_warps=8, use_dot=True),
+    (768, GPT2_HEAD, True, 32): None,
     # GPT-2 XL
     (1600, 4800, True, 32): None,
     (1600, 1600, True, 4): _dot_rows(32, 4, 4),
@@ -151,10 +161,13 @@ MEASURED: dict[tuple[int, int, bool, int], GemvConfig | RowsConfig | None] = {
     (1600, 1600, True, 32): _dot_rows(32, 4, 8),
     (1600, 6400, True, 32): None,
     (6400, 1600, True, 8): GemvConfig(block_n=64, block_k=128, split=11, num_warps=4, use_dot=True),
-    (6400, 1600, True, 32): None,
-    (1600, 50257, True, 4): GemvConfig(block_n=256, block_k=64, split=1, num_warps=8, use_dot=True),
-    (1600, 50257, True, 16): GemvConfig(block_n=64, block_k=64, split=1, num_warps=4, use_dot=True),
-    (1600, 50257, True, 32): GemvConfig(block_n=256, block_k=64, split=1, num_warps=8, use_dot=True),
+    (6400, 1600, True, 16): None,
+    (6400, 1600, True, 32): GemvConfig(block_n=64, block_k=128, split=5, num_warps=4, use_dot=True, block_m=32,
+                                       num_stages=4),
+    (6400, 1600, True, 64): GemvConfig(block_n=64, block_k=128, split=5, num_warps=4, use_dot=True, block_m=64,
+                                       num_stages=4),
+    (1600, GPT2_HEAD, True, 16): GemvConfig(block_n=256, block_k=64, split=1, num_warps=8, use_dot=True),
+    (1600, GPT2_HEAD, True, 32): None,
 }
 
 
