@@ -581,7 +581,7 @@ def test_gpu_fused_row_gemv_matches_torch_on_gpt2_shapes():
 
 def test_gpu_planned_gemvs_match_torch_on_gpt2_shapes():
     """Every product the engine gives to our kernels on GPT-2 124M's and XL's shapes at 3-64 rows
-    (plan_gemv: the row kernel on the tensor cores, the tile kernel in 16- or 32-row blocks, split-K
+    (plan_gemv: the row kernel on the tensor cores, the tile kernel in 16-, 32- or 64-row blocks, split-K
     partials, the padded LM head), bf16, against an fp32 product: whole (gemv, bias included) and as
     the split-K partials the engine sums in its add + LayerNorm."""
     from course_lib.engine.triton_gemv import GPT2_HEAD, gemv, gemv_partials, plan_gemv
@@ -605,5 +605,5 @@ def test_gpu_planned_gemvs_match_torch_on_gpt2_shapes():
                 err = (gemv_partials(x, w, cfg).sum(0) + (0 if b is None else b.float()) - ref).abs().max().item()
                 assert err <= tol, ("partials", D, K, N, M, cfg, err)
                 kinds.add((type(cfg).__name__, getattr(cfg, "block_m", None), cfg.split > 1))
-    assert {("GemvConfig", 32, True), ("GemvConfig", 16, False), ("RowsConfig", None, False),
-            ("RowsConfig", None, True)} <= kinds, kinds
+    assert {("GemvConfig", 32, True), ("GemvConfig", 64, True), ("GemvConfig", 16, False),
+            ("RowsConfig", None, False), ("RowsConfig", None, True)} <= kinds, kinds
