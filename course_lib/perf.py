@@ -125,36 +125,83 @@ def attention_flops(config: GPTConfig, batch: int, new_tokens: int, past: int = 
     return 4 * config.n_embd * keys_seen(new_tokens, past, causal) * config.n_layer * batch
 
 
+@dataclass(frozen=True)
+class CostRates:
+    """What one token, key, cached position and logit row cost for a model: the constants of
+    :func:`batch_cost`'s formulas, per config and element size (:func:`cost_rates`)."""
+
+    linear_flops_per_token: int        # the four weight products of every layer
+    attention_flops_per_key: int       # q·k and weights·v, all heads and layers, per key a query sees
+    head_flops_per_row: int            # the LM head, per row that samples
+    body_weight_bytes: int             # every non-embedding parameter
+    head_weight_bytes: int             # the (tied) LM head, read when any row samples
+    kv_bytes_per_position: int         # K and V of one position, all layers and heads
+    embedding_bytes_per_token: int     # its wte and wpe rows
+    activation_bytes_per_token: int    # the residual stream in and out of every layer
+    logit_bytes_per_row: int
+
+
+def cost_rates(config: GPTConfig, bytes_per_element: int = 4) -> CostRates:
+    D, V, L, e = config.n_embd, config.vocab_size, config.n_layer, bytes_per_element
+    return CostRates(linear_flops_per_token=2 * layer_matmul_params(config) * L, attention_flops_per_key=4 * D * L,
+                     head_flops_per_row=2 * D * V, body_weight_bytes=parameter_count(config, non_embedding=True) * e,
+                     head_weight_bytes=V * D * e, kv_bytes_per_position=kv_cache_bytes(config, 1, 1, e),
+                     embedding_bytes_per_token=2 * D * e, activation_bytes_per_token=2 * L * D * e,
+                     logit_bytes_per_row=V * e)
+
+
+def ragged_sums(query_lens, context_lens, causal: bool = True) -> tuple[int, int, int]:
+    """``(new tokens, keys the queries see, positions whose K/V are read)`` of a ragged batch
+    (request ``i``: ``query_lens[i]`` new tokens after ``context_lens[i] - query_lens[i]`` cached)."""
+    if len(query_lens) != len(context_lens) or not len(query_lens):
+        raise InputError("query_lens and context_lens must be equally long and not empty")
+    if len(query_lens) <= 64:                       # the engine's decode steps: Python ints beat numpy's overhead
+        q = query_lens.tolist() if isinstance(query_lens, np.ndarray) else list(query_lens)
+        c = context_lens.tolist() if isinstance(context_lens, np.ndarray) else list(context_lens)
+        tokens, positions = sum(q), sum(c)
+        if tokens == len(q):                        # one new token each: it sees every position, masked or not
+            return tokens, positions, positions
+        return tokens, sum(keys_seen(qi, ci - qi, causal) for qi, ci in zip(q, c)), positions
+    q = np.asarray(query_lens, dtype=np.int64)                 # (B,) one pass over the batch
+    c = np.asarray(context_lens, dtype=np.int64)
+    return int(q.sum()), int(keys_seen(q, c - q, causal).sum()), int(c.sum())
+
+
 def batch_cost(config: GPTConfig, query_lens, context_lens, num_logit_rows: int,
                bytes_per_element: int = 4, causal: bool = True) -> StepCost:
     """FLOPs and bytes of one forward over a *ragged* batch: request ``i`` computes
     ``query_lens[i]`` new tokens after ``context_lens[i] - query_lens[i]`` cached ones, and
-    ``num_logit_rows`` rows go through the LM head. The engine's ledger counts every step with it;
-    :func:`step_cost` is the same for ``batch`` equal requests."""
-    if len(query_lens) != len(context_lens) or not len(query_lens):
-        raise InputError("query_lens and context_lens must be equally long and not empty")
-    D, V, L = config.n_embd, config.vocab_size, config.n_layer
-    q = np.asarray(query_lens, dtype=np.int64)                 # (B,) one pass over the batch, not a Python loop:
-    c = np.asarray(context_lens, dtype=np.int64)               # the engine's ledger counts every step
-    tokens = int(q.sum())
-    keys = int(keys_seen(q, c - q, causal).sum())
+    ``num_logit_rows`` rows go through the LM head. :func:`step_cost` is the same for ``batch``
+    equal requests; the engine's ledger counts every step with :func:`batch_totals`, the same sums."""
+    tokens, keys, positions = ragged_sums(query_lens, context_lens, causal)
+    r = cost_rates(config, bytes_per_element)
     flops = {
-        "linear": 2 * layer_matmul_params(config) * L * tokens,
-        "attention": 4 * D * keys * L,
-        "lm_head": 2 * D * V * num_logit_rows,
+        "linear": r.linear_flops_per_token * tokens,
+        "attention": r.attention_flops_per_key * keys,
+        "lm_head": r.head_flops_per_row * num_logit_rows,
     }
-    e = bytes_per_element
-    weights = parameter_count(config, non_embedding=True) + (V * D if num_logit_rows else 0)
     nbytes = {
-        "weights": weights * e,
-        "embeddings": 2 * tokens * D * e,                                    # wte rows + wpe rows gathered
-        "kv_read": kv_cache_bytes(config, 1, int(c.sum()), e),              # every visible key and value, once
-        "kv_write": kv_cache_bytes(config, 1, tokens, e),                     # the new keys and values
-        "activations": 2 * L * tokens * D * e,                               # residual stream in and out per layer
-        "logits": num_logit_rows * V * e,
+        "weights": r.body_weight_bytes + (r.head_weight_bytes if num_logit_rows else 0),
+        "embeddings": r.embedding_bytes_per_token * tokens,     # wte rows + wpe rows gathered
+        "kv_read": r.kv_bytes_per_position * positions,         # every visible key and value, once
+        "kv_write": r.kv_bytes_per_position * tokens,           # the new keys and values
+        "activations": r.activation_bytes_per_token * tokens,   # residual stream in and out per layer
+        "logits": r.logit_bytes_per_row * num_logit_rows,
     }
     past = int(context_lens[0]) - int(query_lens[0])
     return StepCost(flops=flops, bytes=nbytes, batch=len(query_lens), new_tokens=int(query_lens[0]), past=past)
+
+
+def batch_totals(rates: CostRates, query_lens, context_lens, num_logit_rows: int) -> tuple[int, int]:
+    """``(FLOPs, weight + KV-read bytes)`` of :func:`batch_cost` (its ``total_flops`` and its
+    ``weights`` + ``kv_read``) without the breakdown: what the engine's ledger counts every step,
+    from ``rates = cost_rates(config, bytes_per_element)`` made once."""
+    tokens, keys, positions = ragged_sums(query_lens, context_lens)
+    flops = (rates.linear_flops_per_token * tokens + rates.attention_flops_per_key * keys
+             + rates.head_flops_per_row * num_logit_rows)
+    nbytes = (rates.body_weight_bytes + (rates.head_weight_bytes if num_logit_rows else 0)
+              + rates.kv_bytes_per_position * positions)
+    return flops, nbytes
 
 
 def step_cost(config: GPTConfig, batch: int = 1, new_tokens: int = 1, past: int = 0,

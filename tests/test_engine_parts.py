@@ -7,6 +7,7 @@ import torch
 from conftest import random_model
 from course_lib.config import GPTConfig
 from course_lib import perf
+from course_lib.errors import InputError
 from course_lib.engine import LLM, SamplingParams
 from course_lib.engine.attention import gather_keys
 from course_lib.engine.block_manager import BlockManager, hash_block
@@ -214,6 +215,30 @@ def test_ledger_flops_and_bytes_equal_hand_counts():
     flops = 2 * W * 9 + 4 * L * D * keys_seen + 2 * D * V * 2
     assert step_cost(CFG, q, c, 2, 2) == (flops, 2 * (N + V * D + 2 * L * D * 22))
     assert step_cost(CFG, q, c, 0, 4)[1] == 4 * (N + 2 * L * D * 22)
+
+
+def test_ledger_count_is_batch_cost_on_any_ragged_batch():
+    """The ledger's per-step count (perf.batch_totals, from rates made once, Python ints for small
+    batches and numpy past 64 requests, a shortcut when every request has one new token) gives
+    batch_cost's totals, and the sums behind both are the hand count, on random ragged batches."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rates = perf.cost_rates(CFG, 2)
+    for B in (1, 2, 7, 64, 65, 200):
+        for decode_only in (True, False):
+            q = np.ones(B, dtype=np.int64) if decode_only else rng.integers(1, 9, B)
+            c = q + rng.integers(0, 40, B)
+            for causal in (True, False):
+                hand = sum(qi * (ci - qi) + qi * (qi + 1) // 2 if causal else qi * ci for qi, ci in zip(q, c))
+                assert perf.ragged_sums(q, c, causal) == (q.sum(), hand, c.sum())
+                assert perf.ragged_sums(q.tolist(), c.tolist(), causal) == (q.sum(), hand, c.sum())
+            for rows in (0, B):
+                cost = perf.batch_cost(CFG, q, c, rows, 2)
+                assert perf.batch_totals(rates, q, c, rows) == step_cost(CFG, q, c, rows, 2) == (
+                    int(cost.total_flops), cost.bytes["weights"] + cost.bytes["kv_read"])
+    with pytest.raises(InputError, match="equally long"):
+        perf.batch_totals(rates, [1, 2], [3], 1)
 
 
 def test_engine_ledger_matches_formula_per_step():
