@@ -73,6 +73,12 @@ def test_token_buckets_and_static_buffers():
     buf.load({"input_ids": a(9)}, staging)                                # a new step leaves nothing behind
     assert v["input_ids"].tolist() == [9, 0, 0, 0, 0, 0, 0, 0] and v["block_tables"].abs().sum() == 0
     assert staging.images[1][:1].tolist() == [9] and staging.images[0][:3].tolist() == [5, 6, 7]   # in turns
+    ring = Staging(buf.size, pinned=False, images=5)                     # a ring: each image again after five steps
+    for step in range(12):
+        buf.load({"input_ids": a(100 + step)}, ring)
+    assert [im[0] for im in ring.images] == [110, 111, 107, 108, 109] and ring.turn == 2
+    with pytest.raises(ValueError, match="at least 2 images"):
+        Staging(8, pinned=False, images=1)
 
 
 def test_triton_config_errors():

@@ -167,6 +167,7 @@ def build_runner(model: GPT, config: EngineConfig, num_kv_blocks: int, tp=None) 
         from .step_graphs import StepGraphs
 
         runner.step_graphs = StepGraphs(runner, config.max_num_batched_tokens, config.max_num_seqs,
-                                        math.ceil(cfg.n_positions / config.block_size))
+                                        math.ceil(cfg.n_positions / config.block_size),
+                                        staging_images=2 * config.decode_burst + 2)   # a burst ahead (Staging)
         runner.step_graphs.capture()
     return runner

@@ -11,8 +11,8 @@ How. A graph replays *fixed* kernels on *fixed* addresses with *fixed* shapes, s
   requests and logit rows;
 * every array of the flat batch (batch.py) and of the attention kernel's tile table lives in a
   **static buffer** per bucket (one int64 tensor cut into named views); a step fills a pinned host
-  image of it (two, used in turns: :class:`Staging`) and copies it over in one transfer that does
-  not wait for the device, then replays;
+  image of it (a ring of them, used in turns: :class:`Staging`) and copies it over in one transfer
+  that does not wait for the device, then replays;
 * the attention kernel (triton_unified.py) has a static grid and reads which tile is whose from
   the buffer, so any mix of requests fits the same graph;
 * a decode row whose token the host has not read yet (asynchronous scheduling, engine.py) takes its
@@ -90,24 +90,32 @@ class StepBuffers:
 
 
 class Staging:
-    """Two host images the step buffers are filled through, used in turns; pinned on a GPU.
+    """A ring of host images the step buffers are filled through, used in turns; pinned on a GPU.
 
     A copy from pageable host memory may wait for the device to finish what is queued before it
     (the driver stages it through pinned memory of its own), and the host would then prepare the
     next step only once the device is idle. From pinned memory the copy is queued and the call
     returns at once; the image must then not be refilled before the device has read it. Each
-    image's copy is marked by an event, and an image is taken again only two steps later — by
-    then, with one step in flight at most, its copy is long done; the event is checked anyway."""
+    image's copy is marked by an event, and taking an image again waits for its last copy.
 
-    def __init__(self, size: int, pinned: bool):
-        self.tensors = [torch.zeros(size, dtype=torch.long, pin_memory=pinned) for _ in range(2)]   # 2 x (size,)
-        self.images = [t.numpy() for t in self.tensors]                                              # their views
-        self.events: list = [None, None]
+    So the ring's length is how many steps the host may run ahead of the device. A decode burst
+    (engine.py) issues ``decode_burst`` steps at once, and with asynchronous scheduling the next
+    burst is issued while the last one runs: ``2 * decode_burst + 2`` images let the host issue a
+    whole burst without waiting for the device (the engine's choice, runner.py). With two, the host
+    could run only two steps ahead: the work between two bursts then had to fit in two steps'
+    device time (GPT-2 124M at batch 1 on an H200: ~0.43 ms), or the device waited for it."""
+
+    def __init__(self, size: int, pinned: bool, images: int = 2):
+        if isinstance(images, bool) or not isinstance(images, int) or images < 2:
+            raise ValueError(f"Staging needs at least 2 images, got {images!r}")
+        self.tensors = [torch.zeros(size, dtype=torch.long, pin_memory=pinned) for _ in range(images)]   # images x (size,)
+        self.images = [t.numpy() for t in self.tensors]                                                   # their views
+        self.events: list = [None] * images
         self.turn = 0
 
     def take(self) -> int:
-        """The image to fill next (0 or 1), once the device has read what it held."""
-        i, self.turn = self.turn, 1 - self.turn
+        """The image to fill next, once the device has read what it held."""
+        i, self.turn = self.turn, (self.turn + 1) % len(self.tensors)
         event = self.events[i]
         if event is not None and not event.query():
             event.synchronize()
@@ -123,12 +131,13 @@ class Staging:
 class StepGraphs:
     """One captured forward per token bucket, replayed for any step that fits."""
 
-    def __init__(self, runner, max_tokens: int, max_num_seqs: int, max_blocks: int):
+    def __init__(self, runner, max_tokens: int, max_num_seqs: int, max_blocks: int, staging_images: int = 2):
         self.runner = runner
         self.buffers = {N: StepBuffers(N, max_num_seqs, max_blocks, runner.device)
                         for N in token_buckets(max_tokens)}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.staging = Staging(max(b.size for b in self.buffers.values()), pinned=torch.device(runner.device).type == "cuda")
+        self.staging = Staging(max(b.size for b in self.buffers.values()), pinned=torch.device(runner.device).type == "cuda",
+                               images=staging_images)
 
     def static_batch(self, buf: StepBuffers):
         """The DeviceBatch a bucket's graph is captured with: views of its buffers, full size."""
