@@ -27,6 +27,7 @@ import gc
 import json
 import math
 import platform
+import random
 import sys
 import time
 import traceback
@@ -231,6 +232,17 @@ def decode_step(B, ctx, H, Dh, device, dtype, min_bytes):
     return Step([(1, ctx)] * B, H, Dh, dtype, device, layers=layers, bucket=bucket, seed=B + ctx)
 
 
+def mixed_decode_step(B, lo, hi, H, Dh, device, dtype, min_bytes, seed=0):
+    """B decodes whose contexts are uniform in [lo, hi] (seeded; the serving workload's requests
+    late in their output), padded to the engine's bucket, with enough layers for ``min_bytes``."""
+    rng = random.Random(seed + B)
+    ctxs = [rng.randint(lo, hi) for _ in range(B)]
+    bucket = 1 << (B - 1).bit_length()
+    per_layer = 2 * sum(ctxs) * H * Dh * torch.empty((), dtype=dtype).element_size()
+    layers = max(1, min(48, -(-min_bytes // per_layer)))
+    return Step([(1, c) for c in ctxs], H, Dh, dtype, device, layers=layers, bucket=bucket, seed=B + hi)
+
+
 def timed(step, device, reps=2, **kw) -> float:
     def fn():
         for _ in range(reps):
@@ -312,19 +324,26 @@ def sweep(device, smoke):
         gc.collect()
 
 
-def decode_sweep(device, smoke, ctx=576, deadline_s=300, batches=(1, 8, 32)):
+def decode_sweep(device, smoke, ctx=576, deadline_s=300, batches=(1, 8, 32), mixed=None):
     """The bench_engine decode rows' attention calls (GPT-2 124M and XL heads, batches 1, 8, 32,
     context ~576, padded to the engine's bucket): split count x key block x warps x stages, each
-    timed over enough layers that L2 does not hold the K/V, beside the engine's current choice."""
+    timed over enough layers that L2 does not hold the K/V, beside the engine's current choice.
+    ``mixed=(lo, hi)``: each batch's contexts uniform in [lo, hi] instead (the serving workload's)."""
     if smoke:
         return
     dtype, sms = torch.bfloat16, multiprocessor_count(device)
     t0 = time.perf_counter()
-    log(f"\ndecode sweep, ctx {ctx}: per layer call, us (GB/s of the K/V a call must read)")
+    what = f"contexts uniform in [{mixed[0]}, {mixed[1]}]" if mixed else f"ctx {ctx}"
+    log(f"\ndecode sweep, {what}: per layer call, us (GB/s of the K/V a call must read)")
     for H, name in ((12, "gpt2"), (25, "gpt2-xl")):
         for B in batches:
-            step = decode_step(B, ctx, H, 64, device, dtype, 256 << 20)
-            auto = kv_splits_for(step.grid, H, step.block_m, sms, DEFAULT_MAX_KV_SPLITS, GPT2_CONTEXT,
+            if mixed:
+                step = mixed_decode_step(B, *mixed, H, 64, device, dtype, 256 << 20)
+                ctx = max(step.ctx)                               # the longest decides which chunks hold keys
+            else:
+                step = decode_step(B, ctx, H, 64, device, dtype, 256 << 20)
+            auto = kv_splits_for(step.grid, H, step.block_m, sms, DEFAULT_MAX_KV_SPLITS,
+                                 max(GPT2_CONTEXT, mixed[1]) if mixed else GPT2_CONTEXT,
                                  64 * step.q.element_size())           # the engine's choice for GPT-2
             rows = []
             for S in (1, 2, 4, 8, 16, 32):
@@ -341,13 +360,13 @@ def decode_sweep(device, smoke, ctx=576, deadline_s=300, batches=(1, 8, 32)):
                             except Exception as e:  # noqa: BLE001
                                 log(f"  {name} B{B} S={S} bn={block_n} w={warps} st={stages}: {type(e).__name__}")
                                 continue
-                            rows.append({"model": name, "H": H, "B": B, "ctx": ctx, "num_splits": S,
+                            rows.append({"model": name, "H": H, "B": B, "ctx": ctx, "mixed": mixed, "num_splits": S,
                                          "block_n": block_n, "num_warps": warps, "num_stages": stages, "s": t,
                                          "gbps": step.kv_bytes() / t / 1e9, "engine_splits": auto})
             t_auto = timed(step, device, reps=1, num_splits=auto)
             RESULTS.setdefault("decode_sweep", []).extend(rows)
             RESULTS.setdefault("decode_engine_choice", []).append(
-                {"model": name, "B": B, "ctx": ctx, "num_splits": auto, "s": t_auto})
+                {"model": name, "B": B, "ctx": ctx, "mixed": mixed, "num_splits": auto, "s": t_auto})
             best = sorted(rows, key=lambda r: r["s"])[:3]
             log(f"  {name:8} B{B:<3} engine (S={auto}, defaults): {t_auto * 1e6:6.1f} us ({step.kv_bytes() / t_auto / 1e9:5.0f})"
                 + "".join(f" | {r['s'] * 1e6:6.1f} us S={r['num_splits']} bn={r['block_n']} w={r['num_warps']} "
@@ -405,6 +424,8 @@ def main():
     p.add_argument("--decode-batches", default="1,8,32", help="batches of the decode sweep")
     p.add_argument("--decode-deadline", type=float, default=300, help="seconds after which the decode sweep "
                    "times only the engine's choice")
+    p.add_argument("--decode-mixed", default=None, metavar="LO,HI",
+                   help="the decode sweep's contexts uniform in [LO, HI] per batch (e.g. 100,2048: serving's)")
     a = p.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -433,7 +454,9 @@ def main():
              ("engine", lambda: engine_timing(device, smoke)),
              ("sweep", lambda: sweep(device, smoke)),
              ("decode_sweep", lambda: decode_sweep(device, smoke, deadline_s=a.decode_deadline,
-                                                   batches=[int(b) for b in a.decode_batches.split(",")]))]
+                                                   batches=[int(b) for b in a.decode_batches.split(",")],
+                                                   mixed=tuple(int(x) for x in a.decode_mixed.split(","))
+                                                   if a.decode_mixed else None))]
     for name, fn in parts:
         if name in skip:
             continue
