@@ -1,6 +1,7 @@
 """What a step and a request cost: FLOPs, bytes, seconds, MFU, MBU, TTFT, TPOT.
 
-The counting lives in one place, :func:`course_lib.perf.batch_cost` (the course's FLOP and byte
+The counting lives in one place, course_lib.perf (:func:`~course_lib.perf.batch_cost` and, without
+its breakdown, :func:`~course_lib.perf.batch_totals`, from the same rates; the course's FLOP and byte
 conventions, notebooks/10): per step, the weight products of every new token, causal attention
 over the keys each query sees, and the LM head on the rows that sample. The ledger turns them
 into rates against the machine's measured ceilings:
@@ -16,14 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import GPTConfig
-from ..perf import CostRates, batch_cost, batch_totals, cost_rates
+from ..perf import CostRates, batch_totals, cost_rates
 from .sequence import Sequence
 
 
 def step_cost(config: GPTConfig, query_lens, context_lens, num_logit_rows: int, bytes_per_element: int):
-    """``(flops, bytes)`` of one engine step as the ledger counts them (bytes: weights + KV read)."""
-    cost = batch_cost(config, query_lens, context_lens, num_logit_rows, bytes_per_element)
-    return int(cost.total_flops), cost.bytes["weights"] + cost.bytes["kv_read"]
+    """``(flops, bytes)`` of one engine step as the ledger counts them (bytes: weights + KV read):
+    perf.batch_cost's totals, through the same perf.batch_totals the ledger calls every step."""
+    return batch_totals(cost_rates(config, bytes_per_element), query_lens, context_lens, num_logit_rows)
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Ledger:
     peak_flops: float | None = None          # FLOP/s, measured
     peak_bandwidth: float | None = None      # bytes/s, measured
     records: list[StepRecord] = field(default_factory=list)
-    rates: CostRates | None = None           # cost_rates(config, bytes_per_element), made once
+    rates: CostRates = field(init=False, repr=False)   # cost_rates(config, bytes_per_element), made once
 
     def __post_init__(self):
         self.rates = cost_rates(self.config, self.bytes_per_element)
@@ -62,7 +63,8 @@ class Ledger:
         """What one step of the flat batch ``flat`` (batch.py) computes, not yet timed (the engine
         counts a step when it issues it, while the device runs it, and times it once its tokens
         are read: :meth:`add`). :func:`step_cost`'s numbers, from rates made once: this runs in
-        every step's host path (a decode step's count took ~23 us with the breakdown, ~3 us now)."""
+        every step's host path (a batch-1 decode step's count: 22.7 us with batch_cost's breakdown,
+        2.0 us now, on a 2-core CPU; benchmarks/NOTES.md)."""
         rows = len(flat.logits_indices)
         flops, nbytes = batch_totals(self.rates, flat.query_lens, flat.context_lens, rows)
         decodes = sum(1 for s in flat.seqs if s.is_decode)
