@@ -62,7 +62,8 @@ class Step:
     """One attention call's inputs as the engine lays them out: ``layers`` layers of a paged pool
     (blocks scattered at random), the step's sequences (query rows, keys), padded to ``bucket`` rows."""
 
-    def __init__(self, mix, H, Dh, dtype, device, bs=16, layers=1, bucket=None, seed=0, num_blocks=None, width=None):
+    def __init__(self, mix, H, Dh, dtype, device, bs=16, layers=1, bucket=None, seed=0, num_blocks=None, width=None,
+                 block_m=None):
         g = torch.Generator(device="cpu").manual_seed(seed)
         self.mix, self.H, self.Dh, self.layers = mix, H, Dh, layers
         need = [-(-c // bs) for _, c in mix]
@@ -82,7 +83,7 @@ class Step:
             qstart.append(qstart[-1] + q)
         self.qstart, self.ctx, self.N = qstart, [c for _, c in mix], qstart[-1]
         rows = bucket or self.N
-        self.block_m = tile_rows_for(rows)
+        self.block_m = block_m or tile_rows_for(rows)
         self.grid = max_tiles(rows, min(rows, 256), self.block_m) if bucket else None
         seqs, tile_rows = build_tiles(qstart, self.ctx, self.block_m)
         self.grid = max(self.grid or len(seqs), len(seqs))
@@ -324,18 +325,25 @@ def sweep(device, smoke):
         gc.collect()
 
 
-def decode_sweep(device, smoke, ctx=576, deadline_s=300, batches=(1, 8, 32), mixed=None):
+DECODE_GRID = {"splits": (1, 2, 4, 8, 16, 32), "block_n": (32, 64, 128), "warps": (2, 4), "stages": (1, 2, 3)}
+
+
+def decode_sweep(device, smoke, ctx=576, deadline_s=300, batches=(1, 8, 32), mixed=None, heads=(12, 25),
+                 grid=None):
     """The bench_engine decode rows' attention calls (GPT-2 124M and XL heads, batches 1, 8, 32,
     context ~576, padded to the engine's bucket): split count x key block x warps x stages, each
     timed over enough layers that L2 does not hold the K/V, beside the engine's current choice.
-    ``mixed=(lo, hi)``: each batch's contexts uniform in [lo, hi] instead (the serving workload's)."""
+    ``mixed=(lo, hi)``: each batch's contexts uniform in [lo, hi] instead (the serving workload's).
+    ``heads``: which of the two models' head counts to sweep (12: GPT-2 124M, 25: XL). ``grid``: the
+    configurations, a dict like :data:`DECODE_GRID` (the default)."""
     if smoke:
         return
     dtype, sms = torch.bfloat16, multiprocessor_count(device)
+    grid = {**DECODE_GRID, **(grid or {})}
     t0 = time.perf_counter()
     what = f"contexts uniform in [{mixed[0]}, {mixed[1]}]" if mixed else f"ctx {ctx}"
     log(f"\ndecode sweep, {what}: per layer call, us (GB/s of the K/V a call must read)")
-    for H, name in ((12, "gpt2"), (25, "gpt2-xl")):
+    for H, name in [(h, n) for h, n in ((12, "gpt2"), (25, "gpt2-xl")) if h in heads]:
         for B in batches:
             if mixed:
                 step = mixed_decode_step(B, *mixed, H, 64, device, dtype, 256 << 20)
@@ -346,12 +354,12 @@ def decode_sweep(device, smoke, ctx=576, deadline_s=300, batches=(1, 8, 32), mix
                                  max(GPT2_CONTEXT, mixed[1]) if mixed else GPT2_CONTEXT,
                                  64 * step.q.element_size())           # the engine's choice for GPT-2
             rows = []
-            for S in (1, 2, 4, 8, 16, 32):
-                for block_n in (32, 64, 128):
+            for S in grid["splits"]:
+                for block_n in grid["block_n"]:
                     if S > 1 and -(-ctx // S) < block_n // 2:
                         continue                      # chunks shorter than half a key block: mostly empty programs
-                    for warps in (2, 4):
-                        for stages in (1, 2, 3):
+                    for warps in grid["warps"]:
+                        for stages in grid["stages"]:
                             if time.perf_counter() - t0 > deadline_s:
                                 break
                             try:
@@ -373,6 +381,58 @@ def decode_sweep(device, smoke, ctx=576, deadline_s=300, batches=(1, 8, 32), mix
                           f"st={r['num_stages']}" for r in best))
             del step
             gc.collect()
+
+
+#: the bench_engine prefill rows' attention calls: (model, heads, prompts of 1,024 tokens)
+PREFILL_SHAPES = (("gpt2-xl", 25, 1), ("gpt2-xl", 25, 8), ("gpt2", 12, 8))
+PREFILL_T = 1024
+
+
+def prefill_sweep(device, smoke, deadline_s=240):
+    """The bench_engine prefill rows' attention (fresh prompts of 1,024 tokens, no cached prefix):
+    rows per tile x keys per trip x warps x stages, each timed per layer call and checked against
+    the fp32 reference, beside the engine's choice (``tile_rows_for``, ``default_block_n``, 4 warps,
+    2 stages). TFLOP/s counts the causal half of the scores and the P V product, 4 T^2/2 H Dh a prompt."""
+    if smoke:
+        return
+    dtype, Dh, t0 = torch.bfloat16, 64, time.perf_counter()
+    log("\nprefill sweep: per layer call, us (TFLOP/s of the causal attention)")
+    for name, H, B in PREFILL_SHAPES:
+        T = PREFILL_T
+        flops = B * 4 * (T * (T + 1) / 2) * H * Dh
+        engine_bm = tile_rows_for(B * T)
+        steps = {bm: Step([(T, T)] * B, H, Dh, dtype, device, layers=2, bucket=B * T, seed=B, block_m=bm)
+                 for bm in sorted({64, 128, engine_bm})}
+        rows = []
+        for bm, step in steps.items():
+            ref = step.reference().float()                  # each step has its own random q and pool
+            for block_n in (32, 64, 128):
+                for warps in (4, 8):
+                    for stages in (1, 2, 3):
+                        if time.perf_counter() - t0 > deadline_s:
+                            break
+                        try:
+                            t = timed(step, device, reps=3, block_n=block_n, num_warps=warps, num_stages=stages)
+                            err = (step.call(block_n=block_n, num_warps=warps, num_stages=stages).float()
+                                   - ref).abs().max().item()
+                        except Exception as e:  # noqa: BLE001
+                            log(f"  {name} B{B} bm={bm} bn={block_n} w={warps} st={stages}: {type(e).__name__}")
+                            continue
+                        rows.append({"model": name, "H": H, "B": B, "T": T, "block_m": bm, "block_n": block_n,
+                                     "num_warps": warps, "num_stages": stages, "s": t, "tflops": flops / t / 1e12,
+                                     "max_err": err, "pass": err < 2e-2})
+        step = steps[engine_bm]
+        t_engine = timed(step, device, reps=3)
+        RESULTS.setdefault("prefill_sweep", []).extend(rows)
+        RESULTS.setdefault("prefill_engine_choice", []).append(
+            {"model": name, "H": H, "B": B, "T": T, "block_m": engine_bm, "s": t_engine, "tflops": flops / t_engine / 1e12})
+        best = sorted((r for r in rows if r["pass"]), key=lambda r: r["s"])[:3]
+        log(f"  {name:8} B{B}x{T} engine (bm={engine_bm}, defaults): {t_engine * 1e6:6.1f} us "
+            f"({flops / t_engine / 1e12:4.0f})" + "".join(
+                f" | {r['s'] * 1e6:6.1f} us bm={r['block_m']} bn={r['block_n']} w={r['num_warps']} st={r['num_stages']}"
+                for r in best) + f"; {sum(not r['pass'] for r in rows)} configs off the reference")
+        del steps, step
+        gc.collect()
 
 
 # ------------------------------------------------------------------ the engine
@@ -420,10 +480,15 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU through TRITON_INTERPRET=1)")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: correctness,kernel,sweep,engine,decode_sweep")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: correctness,prefill_sweep,kernel,sweep,"
+                   "engine,decode_sweep")
     p.add_argument("--decode-batches", default="1,8,32", help="batches of the decode sweep")
     p.add_argument("--decode-deadline", type=float, default=300, help="seconds after which the decode sweep "
                    "times only the engine's choice")
+    p.add_argument("--decode-grid", default=None, metavar="KEY=V,V;...",
+                   help="the decode sweep's configurations, e.g. 'splits=1,2,4;block_n=64,128;warps=4;stages=2,3'")
+    p.add_argument("--prefill-deadline", type=float, default=240, help="seconds of the prefill sweep")
+    p.add_argument("--decode-heads", default="12,25", help="head counts of the decode sweep (12: GPT-2 124M, 25: XL)")
     p.add_argument("--decode-mixed", default=None, metavar="LO,HI",
                    help="the decode sweep's contexts uniform in [LO, HI] per batch (e.g. 100,2048: serving's)")
     a = p.parse_args()
@@ -450,11 +515,16 @@ def main():
             log(f"copy ceiling failed: {e!r}")
     t0 = time.perf_counter()
     parts = [("correctness", lambda: correctness(device, smoke)),
+             ("prefill_sweep", lambda: prefill_sweep(device, smoke, a.prefill_deadline)),
              ("kernel", lambda: kernel_timings(device, smoke, peak)),
              ("engine", lambda: engine_timing(device, smoke)),
              ("sweep", lambda: sweep(device, smoke)),
              ("decode_sweep", lambda: decode_sweep(device, smoke, deadline_s=a.decode_deadline,
                                                    batches=[int(b) for b in a.decode_batches.split(",")],
+                                                   heads=[int(h) for h in a.decode_heads.split(",")],
+                                                   grid={k: tuple(int(v) for v in vs.split(",")) for k, vs in
+                                                         (kv.split("=") for kv in a.decode_grid.split(";"))}
+                                                   if a.decode_grid else None,
                                                    mixed=tuple(int(x) for x in a.decode_mixed.split(","))
                                                    if a.decode_mixed else None))]
     for name, fn in parts:
