@@ -435,6 +435,79 @@ def prefill_sweep(device, smoke, deadline_s=240):
         gc.collect()
 
 
+#: the all-heads experiment's configurations: keys a chunk, keys a trip, warps, stages
+ALL_HEADS_GRID = {"chunk_keys": (128, 256, 512), "block_n": (16, 32), "warps": (4, 8), "stages": (2, 3)}
+
+
+def all_heads_sweep(device, smoke, deadline_s=200):
+    """benchmarks/attention_all_heads.py (one program per sequence and key chunk, every head) against
+    the engine's unified kernel with its own choice, per layer call, on the decode calls that matter:
+    mixed contexts in [100, 2048] at batches 32 and 64 (the serving workload) and uniform context 576
+    at batch 32 (bench_engine's decode rows), both models' heads; each configuration also checked
+    against the fp32 reference."""
+    from attention_all_heads import all_heads_decode
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sms, t0 = multiprocessor_count(device), time.perf_counter()
+    if smoke:
+        cases, grid = [("smoke", 2, 16, 3, (4, 40))], {"chunk_keys": (16,), "block_n": (16,), "warps": (4,), "stages": (2,)}
+    else:
+        cases = [(name, H, 64, B, ctx) for name, H in (("gpt2", 12), ("gpt2-xl", 25))
+                 for B, ctx in ((64, (100, 2048)), (32, (100, 2048)), (32, 576))]
+        grid = ALL_HEADS_GRID
+    log("\nall-heads decode experiment: per layer call, us (GB/s of the K/V a call must read)")
+    for name, H, Dh, B, ctx in cases:
+        if isinstance(ctx, tuple):
+            step = mixed_decode_step(B, *ctx, H, Dh, device, dtype, 0 if smoke else 256 << 20)
+        else:
+            step = decode_step(B, ctx, H, Dh, device, dtype, 256 << 20)
+        max_ctx = max(step.ctx)
+        auto = kv_splits_for(step.grid, H, step.block_m, sms, DEFAULT_MAX_KV_SPLITS,
+                             max(GPT2_CONTEXT, max_ctx), Dh * step.q.element_size())
+        t_unified = timed(step, device, reps=1, num_splits=auto)
+        q = step.q[:B].contiguous()                                       # the live decode rows
+        counters = torch.zeros(B, dtype=torch.int32, device=device)
+        out = torch.empty_like(q)
+        ref = step.reference(0).float()
+        rows = []
+        for chunk in grid["chunk_keys"]:
+            for bn in grid["block_n"]:
+                for warps in grid["warps"]:
+                    for stages in grid["stages"]:
+                        if time.perf_counter() - t0 > deadline_s:
+                            break
+                        counters.zero_()                  # a configuration that failed may have left counts behind
+                        kw = dict(chunk_keys=chunk, block_n=bn, num_warps=warps, num_stages=stages, counters=counters,
+                                  out=out)
+
+                        def fn(kw=kw):
+                            for layer in range(step.layers):
+                                all_heads_decode(q, step.pool[layer, 0], step.pool[layer, 1], step.tables,
+                                                 step.context_lens, max_ctx, **kw)
+                        try:
+                            t = time_per_call(fn, step.layers, device)
+                            err = (all_heads_decode(q, step.pool[0, 0], step.pool[0, 1], step.tables, step.context_lens,
+                                                    max_ctx, **kw).float() - ref).abs().max().item()
+                        except Exception as e:  # noqa: BLE001
+                            log(f"  {name} B{B} chunk={chunk} bn={bn} w={warps} st={stages}: {type(e).__name__}: {e}")
+                            continue
+                        rows.append({"model": name, "H": H, "B": B, "ctx": ctx, "chunk_keys": chunk, "block_n": bn,
+                                     "num_warps": warps, "num_stages": stages, "s": t,
+                                     "gbps": step.kv_bytes() / t / 1e9, "max_err": err, "pass": err < 2e-2})
+        RESULTS.setdefault("all_heads", []).extend(rows)
+        RESULTS.setdefault("all_heads_unified", []).append(
+            {"model": name, "H": H, "B": B, "ctx": ctx, "num_splits": auto, "s": t_unified,
+             "gbps": step.kv_bytes() / t_unified / 1e9})
+        best = sorted((r for r in rows if r["pass"]), key=lambda r: r["s"])[:3]
+        log(f"  {name:8} B{B:<3} ctx {ctx}: unified (S={auto}) {t_unified * 1e6:6.1f} us "
+            f"({step.kv_bytes() / t_unified / 1e9:5.0f})" + "".join(
+                f" | {r['s'] * 1e6:6.1f} us ({r['gbps']:5.0f}) chunk={r['chunk_keys']} bn={r['block_n']} "
+                f"w={r['num_warps']} st={r['num_stages']}" for r in best)
+            + f"; {sum(not r['pass'] for r in rows)} of {len(rows)} off the reference")
+        step = q = out = ref = None                                      # free the pool before the next case
+        gc.collect()
+
+
 # ------------------------------------------------------------------ the engine
 def engine_timing(device, smoke):
     from course_lib.engine import LLM, SamplingParams
@@ -480,14 +553,15 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU through TRITON_INTERPRET=1)")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: correctness,prefill_sweep,kernel,sweep,"
-                   "engine,decode_sweep")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: correctness,prefill_sweep,all_heads,"
+                   "kernel,sweep,engine,decode_sweep")
     p.add_argument("--decode-batches", default="1,8,32", help="batches of the decode sweep")
     p.add_argument("--decode-deadline", type=float, default=300, help="seconds after which the decode sweep "
                    "times only the engine's choice")
     p.add_argument("--decode-grid", default=None, metavar="KEY=V,V;...",
                    help="the decode sweep's configurations, e.g. 'splits=1,2,4;block_n=64,128;warps=4;stages=2,3'")
     p.add_argument("--prefill-deadline", type=float, default=240, help="seconds of the prefill sweep")
+    p.add_argument("--all-heads-deadline", type=float, default=200, help="seconds of the all-heads experiment")
     p.add_argument("--decode-heads", default="12,25", help="head counts of the decode sweep (12: GPT-2 124M, 25: XL)")
     p.add_argument("--decode-mixed", default=None, metavar="LO,HI",
                    help="the decode sweep's contexts uniform in [LO, HI] per batch (e.g. 100,2048: serving's)")
@@ -516,6 +590,7 @@ def main():
     t0 = time.perf_counter()
     parts = [("correctness", lambda: correctness(device, smoke)),
              ("prefill_sweep", lambda: prefill_sweep(device, smoke, a.prefill_deadline)),
+             ("all_heads", lambda: all_heads_sweep(device, smoke, a.all_heads_deadline)),
              ("kernel", lambda: kernel_timings(device, smoke, peak)),
              ("engine", lambda: engine_timing(device, smoke)),
              ("sweep", lambda: sweep(device, smoke)),
