@@ -435,27 +435,32 @@ def prefill_sweep(device, smoke, deadline_s=240):
         gc.collect()
 
 
-#: the all-heads experiment's configurations: keys a chunk, keys a trip, warps, stages
-ALL_HEADS_GRID = {"chunk_keys": (128, 256, 512), "block_n": (16, 32), "warps": (4, 8), "stages": (2, 3)}
+#: the head-group experiment's configurations: heads a program, keys a chunk, keys a trip, warps.
+#: Compiled offline for sm_90 (triton 3.6 to a cubin, the bundled ptxas -v, the launcher's
+#: 16-divisibility of pointers and strides), 16-key trips take 39-72 registers a thread for one
+#: head, 61-128 for two, 102-255 for four, without spills; eight heads spill at 2-4 warps
+HEAD_GROUPS_GRID = {"heads_per_program": (1, 2, 4), "chunk_keys": (128, 256, 512), "block_n": (16,),
+                    "warps": (2, 4, 8)}
 
 
-def all_heads_sweep(device, smoke, deadline_s=200):
-    """benchmarks/attention_all_heads.py (one program per sequence and key chunk, every head) against
-    the engine's unified kernel with its own choice, per layer call, on the decode calls that matter:
-    mixed contexts in [100, 2048] at batches 32 and 64 (the serving workload) and uniform context 576
-    at batch 32 (bench_engine's decode rows), both models' heads; each configuration also checked
-    against the fp32 reference."""
-    from attention_all_heads import all_heads_decode
+def head_groups_sweep(device, smoke, deadline_s=200):
+    """benchmarks/attention_head_groups.py (one program per sequence, key chunk and group of heads)
+    against the engine's unified kernel with its own choice, per layer call, on the decode calls
+    that matter: mixed contexts in [100, 2048] at batches 64 and 32 (the serving workload) and
+    uniform context 576 at batch 32 (bench_engine's decode rows), both models' heads; each
+    configuration also checked against the fp32 reference."""
+    from attention_head_groups import head_group_decode
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     sms, t0 = multiprocessor_count(device), time.perf_counter()
     if smoke:
-        cases, grid = [("smoke", 2, 16, 3, (4, 40))], {"chunk_keys": (16,), "block_n": (16,), "warps": (4,), "stages": (2,)}
+        cases = [("smoke", 2, 16, 3, (4, 40))]
+        grid = {"heads_per_program": (1, 2), "chunk_keys": (16,), "block_n": (16,), "warps": (4,)}
     else:
         cases = [(name, H, 64, B, ctx) for name, H in (("gpt2", 12), ("gpt2-xl", 25))
                  for B, ctx in ((64, (100, 2048)), (32, (100, 2048)), (32, 576))]
-        grid = ALL_HEADS_GRID
-    log("\nall-heads decode experiment: per layer call, us (GB/s of the K/V a call must read)")
+        grid = HEAD_GROUPS_GRID
+    log("\nhead-group decode experiment: per layer call, us (GB/s of the K/V a call must read)")
     for name, H, Dh, B, ctx in cases:
         if isinstance(ctx, tuple):
             step = mixed_decode_step(B, *ctx, H, Dh, device, dtype, 0 if smoke else 256 << 20)
@@ -466,43 +471,43 @@ def all_heads_sweep(device, smoke, deadline_s=200):
                              max(GPT2_CONTEXT, max_ctx), Dh * step.q.element_size())
         t_unified = timed(step, device, reps=1, num_splits=auto)
         q = step.q[:B].contiguous()                                       # the live decode rows
-        counters = torch.zeros(B, dtype=torch.int32, device=device)
+        counters = torch.zeros(B * H, dtype=torch.int32, device=device)
         out = torch.empty_like(q)
         ref = step.reference(0).float()
         rows = []
-        for chunk in grid["chunk_keys"]:
-            for bn in grid["block_n"]:
-                for warps in grid["warps"]:
-                    for stages in grid["stages"]:
+        for hg in grid["heads_per_program"]:
+            for chunk in grid["chunk_keys"]:
+                for bn in grid["block_n"]:
+                    for warps in grid["warps"]:
                         if time.perf_counter() - t0 > deadline_s:
                             break
                         counters.zero_()                  # a configuration that failed may have left counts behind
-                        kw = dict(chunk_keys=chunk, block_n=bn, num_warps=warps, num_stages=stages, counters=counters,
-                                  out=out)
+                        kw = dict(heads_per_program=hg, chunk_keys=chunk, block_n=bn, num_warps=warps,
+                                  counters=counters, out=out)
 
                         def fn(kw=kw):
                             for layer in range(step.layers):
-                                all_heads_decode(q, step.pool[layer, 0], step.pool[layer, 1], step.tables,
-                                                 step.context_lens, max_ctx, **kw)
+                                head_group_decode(q, step.pool[layer, 0], step.pool[layer, 1], step.tables,
+                                                  step.context_lens, max_ctx, **kw)
                         try:
                             t = time_per_call(fn, step.layers, device)
-                            err = (all_heads_decode(q, step.pool[0, 0], step.pool[0, 1], step.tables, step.context_lens,
-                                                    max_ctx, **kw).float() - ref).abs().max().item()
+                            err = (head_group_decode(q, step.pool[0, 0], step.pool[0, 1], step.tables,
+                                                     step.context_lens, max_ctx, **kw).float() - ref).abs().max().item()
                         except Exception as e:  # noqa: BLE001
-                            log(f"  {name} B{B} chunk={chunk} bn={bn} w={warps} st={stages}: {type(e).__name__}: {e}")
+                            log(f"  {name} B{B} hg={hg} chunk={chunk} bn={bn} w={warps}: {type(e).__name__}: {e}")
                             continue
-                        rows.append({"model": name, "H": H, "B": B, "ctx": ctx, "chunk_keys": chunk, "block_n": bn,
-                                     "num_warps": warps, "num_stages": stages, "s": t,
+                        rows.append({"model": name, "H": H, "B": B, "ctx": ctx, "heads_per_program": hg,
+                                     "chunk_keys": chunk, "block_n": bn, "num_warps": warps, "s": t,
                                      "gbps": step.kv_bytes() / t / 1e9, "max_err": err, "pass": err < 2e-2})
-        RESULTS.setdefault("all_heads", []).extend(rows)
-        RESULTS.setdefault("all_heads_unified", []).append(
+        RESULTS.setdefault("head_groups", []).extend(rows)
+        RESULTS.setdefault("head_groups_unified", []).append(
             {"model": name, "H": H, "B": B, "ctx": ctx, "num_splits": auto, "s": t_unified,
              "gbps": step.kv_bytes() / t_unified / 1e9})
         best = sorted((r for r in rows if r["pass"]), key=lambda r: r["s"])[:3]
         log(f"  {name:8} B{B:<3} ctx {ctx}: unified (S={auto}) {t_unified * 1e6:6.1f} us "
             f"({step.kv_bytes() / t_unified / 1e9:5.0f})" + "".join(
-                f" | {r['s'] * 1e6:6.1f} us ({r['gbps']:5.0f}) chunk={r['chunk_keys']} bn={r['block_n']} "
-                f"w={r['num_warps']} st={r['num_stages']}" for r in best)
+                f" | {r['s'] * 1e6:6.1f} us ({r['gbps']:5.0f}) hg={r['heads_per_program']} chunk={r['chunk_keys']} "
+                f"bn={r['block_n']} w={r['num_warps']}" for r in best)
             + f"; {sum(not r['pass'] for r in rows)} of {len(rows)} off the reference")
         step = q = out = ref = None                                      # free the pool before the next case
         gc.collect()
@@ -553,7 +558,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU through TRITON_INTERPRET=1)")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: correctness,prefill_sweep,all_heads,"
+    p.add_argument("--skip", default="", help="comma list of parts to skip: correctness,prefill_sweep,head_groups,"
                    "kernel,sweep,engine,decode_sweep")
     p.add_argument("--decode-batches", default="1,8,32", help="batches of the decode sweep")
     p.add_argument("--decode-deadline", type=float, default=300, help="seconds after which the decode sweep "
@@ -561,7 +566,7 @@ def main():
     p.add_argument("--decode-grid", default=None, metavar="KEY=V,V;...",
                    help="the decode sweep's configurations, e.g. 'splits=1,2,4;block_n=64,128;warps=4;stages=2,3'")
     p.add_argument("--prefill-deadline", type=float, default=240, help="seconds of the prefill sweep")
-    p.add_argument("--all-heads-deadline", type=float, default=200, help="seconds of the all-heads experiment")
+    p.add_argument("--head-groups-deadline", type=float, default=200, help="seconds of the head-group experiment")
     p.add_argument("--decode-heads", default="12,25", help="head counts of the decode sweep (12: GPT-2 124M, 25: XL)")
     p.add_argument("--decode-mixed", default=None, metavar="LO,HI",
                    help="the decode sweep's contexts uniform in [LO, HI] per batch (e.g. 100,2048: serving's)")
@@ -590,7 +595,7 @@ def main():
     t0 = time.perf_counter()
     parts = [("correctness", lambda: correctness(device, smoke)),
              ("prefill_sweep", lambda: prefill_sweep(device, smoke, a.prefill_deadline)),
-             ("all_heads", lambda: all_heads_sweep(device, smoke, a.all_heads_deadline)),
+             ("head_groups", lambda: head_groups_sweep(device, smoke, a.head_groups_deadline)),
              ("kernel", lambda: kernel_timings(device, smoke, peak)),
              ("engine", lambda: engine_timing(device, smoke)),
              ("sweep", lambda: sweep(device, smoke)),
