@@ -46,7 +46,8 @@ PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 def compile_resources(kernel, signature: dict[str, str], constexprs: dict, num_warps: int, num_stages: int,
                       divisible=()) -> dict:
     """Compile ``kernel`` for sm_90 and read its resources: registers a thread, spill bytes, shared
-    memory bytes, whether any load goes through ``cp.async`` (Triton's software pipelining), and
+    memory bytes, whether any load goes through ``cp.async`` (Triton's software pipelining), whether
+    its products run as Hopper's asynchronous warpgroup MMAs (``wgmma``, not ``mma.sync``), and
     how many programs fit on one SM. ``signature``: every non-constexpr argument's Triton type
     (``"*bf16"``, ``"i32"``, ...); ``divisible``: integer arguments that are multiples of 16 (every
     pointer is taken as 16-byte aligned, as torch allocates)."""
@@ -70,7 +71,7 @@ def compile_resources(kernel, signature: dict[str, str], constexprs: dict, num_w
     fits = min(REGISTERS_PER_SM // (registers * threads), MAX_THREADS_PER_SM // threads,
                SHARED_BYTES_PER_SM // shared if shared else 32, 32)
     return {"registers": registers, "spill_bytes": spills, "shared_bytes": shared, "cp_async": "cp.async" in ptx,
-            "programs_per_sm": fits}
+            "wgmma": "wgmma.mma_async" in ptx, "programs_per_sm": fits}
 
 
 # ---------------------------------------------------------------------------- the engine's attention
@@ -130,7 +131,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     a = p.parse_args(argv)
     rows = []
-    print(f"{'kernel':50} {'regs':>5} {'spill B':>7} {'smem B':>7} {'cp.async':>8} {'progs/SM':>8}")
+    print(f"{'kernel':50} {'regs':>5} {'spill B':>7} {'smem B':>7} {'cp.async':>8} {'wgmma':>6} {'progs/SM':>8}")
     for label, block_m, block_n, splits in engine_attention_shapes():
         r = unified_resources(block_m, block_n, splits)
         rows.append({"kernel": "unified", "shape": label, "block_m": block_m, "block_n": block_n,
@@ -145,7 +146,7 @@ def main(argv=None) -> None:
         name = (f"unified {r['shape']} ({r['block_m']} x {r['block_n']}, S={r['num_splits']})" if r["kernel"] == "unified"
                 else f"head groups, {r['shape']}, {r['heads_per_program']} a program, {r['num_warps']} warps")
         print(f"{name:50} {r['registers']:5} {r['spill_bytes']:7} {r['shared_bytes']:7} {str(r['cp_async']):>8} "
-              f"{r['programs_per_sm']:8}")
+              f"{str(r['wgmma']):>6} {r['programs_per_sm']:8}")
     if a.out:
         a.out.write_text(json.dumps({"target": "sm_90", "triton": triton.__version__, "rows": rows}, indent=1))
 

@@ -35,6 +35,15 @@ def test_engine_decode_attention_is_pipelined_and_does_not_spill_on_sm90(kr):
         assert r["registers"] <= 128 and r["programs_per_sm"] >= 4, (label, r)
 
 
+def test_engine_prefill_attention_runs_on_hopper_warpgroup_mmas(kr):
+    """Prefill tiles (64 and 128 rows) multiply with wgmma, Hopper's tensor-core instruction, not the
+    older mma.sync that caps a kernel well below the H200's matmul ceiling."""
+    for label, bm, bn, s in kr.engine_attention_shapes():
+        if label.startswith("prefill"):
+            r = kr.unified_resources(bm, bn, s)
+            assert r["wgmma"] and r["cp_async"], (label, r)
+
+
 def test_head_group_experiment_compiles_without_spills_on_sm90(kr):
     r = kr.head_group_resources(25, 2, num_warps=4)
     assert r["spill_bytes"] == 0 and r["programs_per_sm"] >= 4, r
