@@ -70,7 +70,7 @@ def _fold_trip(q, m, l, acc, k, v, t_ok):
 
 @triton.jit
 def _head_group_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_ml_ptr, part_acc_ptr, arrived_ptr,
-                              tables_ptr, context_lens_ptr, num_seqs, chunk_keys, qk_scale,
+                              tables_ptr, context_lens_ptr, chunk_keys, qk_scale,
                               stride_qn, stride_kblock, stride_kslot, stride_on, stride_tb,
                               H: tl.constexpr, HG: tl.constexpr, GROUPS: tl.constexpr, DH: tl.constexpr,
                               BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MAX_CHUNKS: tl.constexpr,
@@ -78,9 +78,7 @@ def _head_group_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_ml_ptr, part_ac
     pid = tl.program_id(0)                        # the head group fastest, then the chunk, then the sequence
     group = pid % GROUPS
     chunk = (pid // GROUPS) % MAX_CHUNKS
-    seq = pid // (GROUPS * MAX_CHUNKS)
-    if seq >= num_seqs:
-        return
+    seq = pid // (GROUPS * MAX_CHUNKS)             # the grid is exactly B * MAX_CHUNKS * GROUPS
     context = tl.load(context_lens_ptr + seq).to(tl.int32)
     lo = chunk * chunk_keys
     if lo >= context:                             # a chunk past this sequence's keys
@@ -182,7 +180,7 @@ def head_group_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     extra = {} if interpret else {"num_stages": num_stages}
     _head_group_decode_kernel[(B * max_chunks * groups,)](
-        q, k_cache, v_cache, out, part_ml, part_acc, counters, block_tables, context_lens, B, chunk_keys,
+        q, k_cache, v_cache, out, part_ml, part_acc, counters, block_tables, context_lens, chunk_keys,
         LOG2_E / math.sqrt(Dh), q.stride(0), k_cache.stride(0), k_cache.stride(1), out.stride(0),
         block_tables.stride(0), H=H, HG=hg, GROUPS=groups, DH=Dh, BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n,
         MAX_CHUNKS=max_chunks, WHILE_LOOP=interpret, num_warps=num_warps, **extra)

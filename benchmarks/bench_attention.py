@@ -117,6 +117,12 @@ class Step:
             outs.append(torch.einsum("hns,shd->nhd", scores.masked_fill(mask, float("-inf")).softmax(-1), vals))
         return torch.cat(outs)
 
+    def engine_splits(self, max_keys: int | None = None) -> int:
+        """The split count the engine would launch this step with (attention_tiles.kv_splits_for),
+        for a model whose context is ``max_keys`` (None: unbounded)."""
+        return kv_splits_for(self.grid, self.H, self.block_m, multiprocessor_count(self.q.device),
+                             DEFAULT_MAX_KV_SPLITS, max_keys, self.Dh * self.q.element_size())
+
     def kv_bytes(self) -> int:
         """K and V bytes one call must read: every key of every sequence, all heads."""
         return 2 * sum(self.ctx) * self.H * self.Dh * self.pool.element_size()
@@ -254,7 +260,6 @@ def timed(step, device, reps=2, **kw) -> float:
 
 def kernel_timings(device, smoke, peak_gbps):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    sms = multiprocessor_count(device)
     heads = [(25, 64, "gpt2-xl"), (12, 64, "gpt2")] if not smoke else [(2, 32, "smoke")]
     batches, contexts = ((1, 4, 32), (512, 2048, 8192)) if not smoke else ((1,), (40,))
     min_bytes = 256 << 20 if device.type == "cuda" else 0
@@ -267,7 +272,7 @@ def kernel_timings(device, smoke, peak_gbps):
                 try:
                     step = decode_step(B, ctx, H, Dh, device, dtype, min_bytes)
                     # the engine's choice for a model whose context is ctx
-                    S = kv_splits_for(step.grid, H, step.block_m, sms, DEFAULT_MAX_KV_SPLITS, ctx, Dh * step.q.element_size())
+                    S = step.engine_splits(ctx)
                     plain = timed(step, device, num_splits=1)
                     split = timed(step, device, num_splits=S) if S > 1 else plain
                     gb = step.kv_bytes() / 1e9
@@ -338,7 +343,7 @@ def decode_sweep(device, smoke, ctx=576, deadline_s=300, batches=(1, 8, 32), mix
     configurations, a dict like :data:`DECODE_GRID` (the default)."""
     if smoke:
         return
-    dtype, sms = torch.bfloat16, multiprocessor_count(device)
+    dtype = torch.bfloat16
     grid = {**DECODE_GRID, **(grid or {})}
     t0 = time.perf_counter()
     what = f"contexts uniform in [{mixed[0]}, {mixed[1]}]" if mixed else f"ctx {ctx}"
@@ -350,9 +355,7 @@ def decode_sweep(device, smoke, ctx=576, deadline_s=300, batches=(1, 8, 32), mix
                 ctx = max(step.ctx)                               # the longest decides which chunks hold keys
             else:
                 step = decode_step(B, ctx, H, 64, device, dtype, 256 << 20)
-            auto = kv_splits_for(step.grid, H, step.block_m, sms, DEFAULT_MAX_KV_SPLITS,
-                                 max(GPT2_CONTEXT, mixed[1]) if mixed else GPT2_CONTEXT,
-                                 64 * step.q.element_size())           # the engine's choice for GPT-2
+            auto = step.engine_splits(max(GPT2_CONTEXT, mixed[1]) if mixed else GPT2_CONTEXT)   # for GPT-2
             rows = []
             for S in grid["splits"]:
                 for block_n in grid["block_n"]:
@@ -452,7 +455,7 @@ def head_groups_sweep(device, smoke, deadline_s=200):
     from attention_head_groups import head_group_decode
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    sms, t0 = multiprocessor_count(device), time.perf_counter()
+    t0 = time.perf_counter()
     if smoke:
         cases = [("smoke", 2, 16, 3, (4, 40))]
         grid = {"heads_per_program": (1, 2), "chunk_keys": (16,), "block_n": (16,), "warps": (4,)}
@@ -467,8 +470,7 @@ def head_groups_sweep(device, smoke, deadline_s=200):
         else:
             step = decode_step(B, ctx, H, Dh, device, dtype, 256 << 20)
         max_ctx = max(step.ctx)
-        auto = kv_splits_for(step.grid, H, step.block_m, sms, DEFAULT_MAX_KV_SPLITS,
-                             max(GPT2_CONTEXT, max_ctx), Dh * step.q.element_size())
+        auto = step.engine_splits(max(GPT2_CONTEXT, max_ctx))
         t_unified = timed(step, device, reps=1, num_splits=auto)
         q = step.q[:B].contiguous()                                       # the live decode rows
         counters = torch.zeros(B * H, dtype=torch.int32, device=device)

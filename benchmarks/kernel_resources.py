@@ -74,9 +74,20 @@ def compile_resources(kernel, signature: dict[str, str], constexprs: dict, num_w
             "wgmma": "wgmma.mma_async" in ptx, "programs_per_sm": fits}
 
 
+#: the attention kernels' pointer arguments that are not int64 tables: bf16 activations and pool,
+#: fp32 split partials, int32 arrival counters
+POINTER_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16",
+                 "part_ml_ptr": "*fp32", "part_acc_ptr": "*fp32", "arrived_ptr": "*i32"}
+
+
+def attention_signature(kernel) -> dict[str, str]:
+    """Triton types of an attention kernel's arguments, by name: :data:`POINTER_TYPES`, other
+    ``*_ptr`` arguments int64 tables, ``qk_scale`` fp32, every other integer int32."""
+    return {n: POINTER_TYPES.get(n, "*i64" if n.endswith("_ptr") else "fp32" if n == "qk_scale" else "i32")
+            for n in kernel.arg_names}
+
+
 # ---------------------------------------------------------------------------- the engine's attention
-UNIFIED_POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16",
-                    "part_ml_ptr": "*fp32", "part_acc_ptr": "*fp32", "arrived_ptr": "*i32"}
 
 
 def unified_resources(block_m: int, block_n: int, num_splits: int, num_warps: int = 4, num_stages: int = 2) -> dict:
@@ -84,15 +95,13 @@ def unified_resources(block_m: int, block_n: int, num_splits: int, num_warps: in
     from course_lib.engine import triton_unified as tu
 
     kernel = tu._unified_attention_kernel
-    signature = {n: UNIFIED_POINTERS.get(n, "*i64" if n.endswith("_ptr") else "fp32" if n == "qk_scale" else "i32")
-                 for n in kernel.arg_names}
     constexprs = dict(HEAD_DIM=64, HEAD_DIM_P2=64, BLOCK_SIZE=16, BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=False,
                       IEEE=False, WHILE_LOOP=False, NUM_SPLITS=num_splits, USE_PDL=True)
     # multiples of 16 at GPT-2's shapes: the q/out/pool/partial-acc strides (H * 64, 64, 16 * H * 64, ...);
     # not the block-table width or the m/l partials' strides (multiples of H)
     divisible = [n for n in kernel.arg_names if n.startswith("stride_")
                  and n not in ("stride_tb", "stride_mlk", "stride_mls", "stride_mln")]
-    return compile_resources(kernel, signature, constexprs, num_warps, num_stages, divisible)
+    return compile_resources(kernel, attention_signature(kernel), constexprs, num_warps, num_stages, divisible)
 
 
 def engine_attention_shapes() -> list[tuple[str, int, int, int]]:
@@ -116,13 +125,9 @@ def engine_attention_shapes() -> list[tuple[str, int, int, int]]:
 def head_group_resources(heads: int, heads_per_program: int, block_n: int = 16, num_warps: int = 4) -> dict:
     from attention_head_groups import _head_group_decode_kernel as kernel
 
-    signature = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "part_ml_ptr": "*fp32",
-                 "part_acc_ptr": "*fp32", "arrived_ptr": "*i32", "tables_ptr": "*i64", "context_lens_ptr": "*i64",
-                 "num_seqs": "i32", "chunk_keys": "i32", "qk_scale": "fp32", "stride_qn": "i32",
-                 "stride_kblock": "i32", "stride_kslot": "i32", "stride_on": "i32", "stride_tb": "i32"}
     constexprs = {"H": heads, "HG": heads_per_program, "GROUPS": -(-heads // heads_per_program), "DH": 64,
                   "BLOCK_SIZE": 16, "BLOCK_N": block_n, "MAX_CHUNKS": 8, "WHILE_LOOP": False}
-    return compile_resources(kernel, signature, constexprs, num_warps, 2,
+    return compile_resources(kernel, attention_signature(kernel), constexprs, num_warps, 2,
                              ["stride_qn", "stride_kblock", "stride_kslot", "stride_on", "chunk_keys"])
 
 
