@@ -391,7 +391,39 @@ PREFILL_SHAPES = (("gpt2-xl", 25, 1), ("gpt2-xl", 25, 8), ("gpt2", 12, 8))
 PREFILL_T = 1024
 
 
-def prefill_sweep(device, smoke, deadline_s=240):
+#: the prefill sweep's configurations (eight warps were 1.5-3x slower on every shape in session 10)
+PREFILL_GRID = {"block_m": (64, 128), "block_n": (32, 64, 128), "warps": (4, 8), "stages": (1, 2, 3)}
+
+
+def sdpa_peers(B, H, T, Dh, dtype, device, reps=3) -> dict:
+    """torch's fused attention kernels on the same prompts, laid out as they want them (contiguous
+    (B, H, T, Dh), causal, no paging): seconds a call for each backend that runs on this GPU. The
+    bar for our kernel: what the best-known kernels reach on this shape."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(B, H, T, Dh, dtype=dtype, device=device) for _ in range(3))
+    layers = 2
+    ks = [torch.randn_like(k) for _ in range(layers)]
+    vs = [torch.randn_like(v) for _ in range(layers)]
+    out = {}
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        backend = getattr(SDPBackend, name, None)
+        if backend is None:
+            continue
+        try:
+            def fn(backend=backend):
+                with sdpa_kernel([backend]):
+                    for _ in range(reps):
+                        for layer in range(layers):
+                            torch.nn.functional.scaled_dot_product_attention(q, ks[layer], vs[layer], is_causal=True)
+            out[name.lower()] = time_per_call(fn, reps * layers, device)
+        except Exception as e:  # noqa: BLE001
+            out[name.lower()] = None
+            log(f"  sdpa {name}: {type(e).__name__}: {str(e)[:120]}")
+    return out
+
+
+def prefill_sweep(device, smoke, deadline_s=240, grid=None):
     """The bench_engine prefill rows' attention (fresh prompts of 1,024 tokens, no cached prefix):
     rows per tile x keys per trip x warps x stages, each timed per layer call and checked against
     the fp32 reference, beside the engine's choice (``tile_rows_for``, ``default_block_n``, 4 warps,
@@ -399,19 +431,24 @@ def prefill_sweep(device, smoke, deadline_s=240):
     if smoke:
         return
     dtype, Dh, t0 = torch.bfloat16, 64, time.perf_counter()
+    grid = {**PREFILL_GRID, **(grid or {})}
     log("\nprefill sweep: per layer call, us (TFLOP/s of the causal attention)")
     for name, H, B in PREFILL_SHAPES:
         T = PREFILL_T
         flops = B * 4 * (T * (T + 1) / 2) * H * Dh
         engine_bm = tile_rows_for(B * T)
+        peers = sdpa_peers(B, H, T, Dh, dtype, device)
+        RESULTS.setdefault("prefill_sdpa", []).append({"model": name, "H": H, "B": B, "T": T, "s": peers})
+        log(f"  {name:8} B{B}x{T} torch sdpa: " + ", ".join(
+            f"{k} {v * 1e6:6.1f} us ({flops / v / 1e12:4.0f})" for k, v in peers.items() if v))
         steps = {bm: Step([(T, T)] * B, H, Dh, dtype, device, layers=2, bucket=B * T, seed=B, block_m=bm)
-                 for bm in sorted({64, 128, engine_bm})}
+                 for bm in sorted({*grid["block_m"], engine_bm})}
         rows = []
         for bm, step in steps.items():
             ref = step.reference().float()                  # each step has its own random q and pool
-            for block_n in (32, 64, 128):
-                for warps in (4, 8):
-                    for stages in (1, 2, 3):
+            for block_n in grid["block_n"]:
+                for warps in grid["warps"]:
+                    for stages in grid["stages"]:
                         if time.perf_counter() - t0 > deadline_s:
                             break
                         try:
@@ -446,7 +483,7 @@ HEAD_GROUPS_GRID = {"heads_per_program": (1, 2, 4), "chunk_keys": (128, 256, 512
                     "warps": (2, 4, 8)}
 
 
-def head_groups_sweep(device, smoke, deadline_s=200):
+def head_groups_sweep(device, smoke, deadline_s=200, grid=None):
     """benchmarks/attention_head_groups.py (one program per sequence, key chunk and group of heads)
     against the engine's unified kernel with its own choice, per layer call, on the decode calls
     that matter: mixed contexts in [100, 2048] at batches 64 and 32 (the serving workload) and
@@ -462,7 +499,7 @@ def head_groups_sweep(device, smoke, deadline_s=200):
     else:
         cases = [(name, H, 64, B, ctx) for name, H in (("gpt2", 12), ("gpt2-xl", 25))
                  for B, ctx in ((64, (100, 2048)), (32, (100, 2048)), (32, 576))]
-        grid = HEAD_GROUPS_GRID
+        grid = {**HEAD_GROUPS_GRID, **(grid or {})}
     log("\nhead-group decode experiment: per layer call, us (GB/s of the K/V a call must read)")
     for name, H, Dh, B, ctx in cases:
         if isinstance(ctx, tuple):
@@ -556,6 +593,13 @@ def engine_timing(device, smoke):
         RESULTS["engine_greedy_identical"] = [same, len(outs["on"])]
 
 
+def parse_grid(text: str | None) -> dict | None:
+    """``'block_n=64,128;warps=4'`` → ``{"block_n": (64, 128), "warps": (4,)}``; None stays None."""
+    if not text:
+        return None
+    return {k: tuple(int(v) for v in vs.split(",")) for k, vs in (kv.split("=") for kv in text.split(";"))}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -568,7 +612,11 @@ def main():
     p.add_argument("--decode-grid", default=None, metavar="KEY=V,V;...",
                    help="the decode sweep's configurations, e.g. 'splits=1,2,4;block_n=64,128;warps=4;stages=2,3'")
     p.add_argument("--prefill-deadline", type=float, default=240, help="seconds of the prefill sweep")
+    p.add_argument("--prefill-grid", default=None, metavar="KEY=V,V;...",
+                   help="the prefill sweep's configurations, e.g. 'block_m=64,128;block_n=64,128;warps=4;stages=1,2'")
     p.add_argument("--head-groups-deadline", type=float, default=200, help="seconds of the head-group experiment")
+    p.add_argument("--head-groups-grid", default=None, metavar="KEY=V,V;...",
+                   help="the head-group experiment's configurations, e.g. 'heads_per_program=1,2;chunk_keys=256'")
     p.add_argument("--decode-heads", default="12,25", help="head counts of the decode sweep (12: GPT-2 124M, 25: XL)")
     p.add_argument("--decode-mixed", default=None, metavar="LO,HI",
                    help="the decode sweep's contexts uniform in [LO, HI] per batch (e.g. 100,2048: serving's)")
@@ -596,17 +644,16 @@ def main():
             log(f"copy ceiling failed: {e!r}")
     t0 = time.perf_counter()
     parts = [("correctness", lambda: correctness(device, smoke)),
-             ("prefill_sweep", lambda: prefill_sweep(device, smoke, a.prefill_deadline)),
-             ("head_groups", lambda: head_groups_sweep(device, smoke, a.head_groups_deadline)),
+             ("prefill_sweep", lambda: prefill_sweep(device, smoke, a.prefill_deadline, parse_grid(a.prefill_grid))),
+             ("head_groups", lambda: head_groups_sweep(device, smoke, a.head_groups_deadline,
+                                                       parse_grid(a.head_groups_grid))),
              ("kernel", lambda: kernel_timings(device, smoke, peak)),
              ("engine", lambda: engine_timing(device, smoke)),
              ("sweep", lambda: sweep(device, smoke)),
              ("decode_sweep", lambda: decode_sweep(device, smoke, deadline_s=a.decode_deadline,
                                                    batches=[int(b) for b in a.decode_batches.split(",")],
                                                    heads=[int(h) for h in a.decode_heads.split(",")],
-                                                   grid={k: tuple(int(v) for v in vs.split(",")) for k, vs in
-                                                         (kv.split("=") for kv in a.decode_grid.split(";"))}
-                                                   if a.decode_grid else None,
+                                                   grid=parse_grid(a.decode_grid),
                                                    mixed=tuple(int(x) for x in a.decode_mixed.split(","))
                                                    if a.decode_mixed else None))]
     for name, fn in parts:

@@ -104,10 +104,11 @@ def unified_resources(block_m: int, block_n: int, num_splits: int, num_warps: in
     return compile_resources(kernel, attention_signature(kernel), constexprs, num_warps, num_stages, divisible)
 
 
-def engine_attention_shapes() -> list[tuple[str, int, int, int]]:
-    """(label, block_m, block_n, num_splits) of the unified kernel for bench_engine's rows, from the
-    engine's own rules (attention_tiles) on a 132-SM GPU, GPT-2's 2,048 positions, 128-byte heads."""
-    from course_lib.engine.attention_tiles import default_block_n, kv_splits_for, max_tiles, tile_rows_for
+def engine_attention_shapes() -> list[tuple[str, int, int, int, int]]:
+    """(label, block_m, block_n, num_splits, num_stages) of the unified kernel for bench_engine's rows,
+    from the engine's own rules (attention_tiles) on a 132-SM GPU, GPT-2's 2,048 positions, 128-byte heads."""
+    from course_lib.engine.attention_tiles import (default_block_n, default_num_stages, kv_splits_for, max_tiles,
+                                                   tile_rows_for)
     from course_lib.engine.config import DEFAULT_MAX_KV_SPLITS
 
     shapes = []
@@ -117,7 +118,8 @@ def engine_attention_shapes() -> list[tuple[str, int, int, int]]:
         block_m = tile_rows_for(tokens)
         grid = max_tiles(tokens, seqs, block_m)
         splits = kv_splits_for(grid, heads, block_m, 132, DEFAULT_MAX_KV_SPLITS, 2048, 128)
-        shapes.append((label, block_m, default_block_n(block_m, grid, splits, 128), splits))
+        block_n = default_block_n(block_m, grid, splits, 128, tokens)
+        shapes.append((label, block_m, block_n, splits, default_num_stages(block_m, block_n)))
     return shapes
 
 
@@ -137,10 +139,10 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     rows = []
     print(f"{'kernel':50} {'regs':>5} {'spill B':>7} {'smem B':>7} {'cp.async':>8} {'wgmma':>6} {'progs/SM':>8}")
-    for label, block_m, block_n, splits in engine_attention_shapes():
-        r = unified_resources(block_m, block_n, splits)
+    for label, block_m, block_n, splits, stages in engine_attention_shapes():
+        r = unified_resources(block_m, block_n, splits, num_stages=stages)
         rows.append({"kernel": "unified", "shape": label, "block_m": block_m, "block_n": block_n,
-                     "num_splits": splits, "num_warps": 4, **r})
+                     "num_splits": splits, "num_warps": 4, "num_stages": stages, **r})
     for heads in (12, 25):
         for hg in (1, 2, 4):
             for warps in (2, 4, 8):
@@ -148,7 +150,8 @@ def main(argv=None) -> None:
                 rows.append({"kernel": "head_groups", "shape": f"{heads} heads", "heads_per_program": hg,
                              "block_n": 16, "num_warps": warps, **r})
     for r in rows:
-        name = (f"unified {r['shape']} ({r['block_m']} x {r['block_n']}, S={r['num_splits']})" if r["kernel"] == "unified"
+        name = (f"unified {r['shape']} ({r['block_m']} x {r['block_n']}, S={r['num_splits']}, {r['num_stages']} st)"
+                if r["kernel"] == "unified"
                 else f"head groups, {r['shape']}, {r['heads_per_program']} a program, {r['num_warps']} warps")
         print(f"{name:50} {r['registers']:5} {r['spill_bytes']:7} {r['shared_bytes']:7} {str(r['cp_async']):>8} "
               f"{str(r['wgmma']):>6} {r['programs_per_sm']:8}")

@@ -69,10 +69,10 @@ def test_split_count_stops_where_no_chunk_could_hold_keys():
             free = kv_splits_for(grid, 12, 16, sms, 32)
             bound = kv_splits_for(grid, 12, 16, sms, 32, max_keys=max_keys)
             assert 1 <= bound <= free
-            trip = default_block_n(16, grid, free, 128)
+            trip = default_block_n(16, grid, free, 128, 256)
             for key_end in range(1, max_keys + 1):
                 a = live_chunks(key_end, free, trip)
-                b = live_chunks(key_end, bound, default_block_n(16, grid, bound, 128))
+                b = live_chunks(key_end, bound, default_block_n(16, grid, bound, 128, 256))
                 assert a == b or a[1] == b[1] == 1, (grid, max_keys, key_end, free, bound, a, b)
 
 
@@ -198,10 +198,13 @@ for bad in (torch.zeros(512, dtype=torch.int64), torch.zeros(3, dtype=torch.int3
         raise AssertionError("a wrong counter buffer was accepted")
 # the default trip: 128 keys for a few decodes (split or not) and for 128-row tiles; 64 for many
 # decodes, 64-row tiles, and heads wider than 128 bytes
-assert [tu.default_block_n(16, g, s, 128) for g, s in ((1, 22), (8, 3), (9, 2), (1, 1), (32, 1))] == \
+assert [tu.default_block_n(16, g, s, 128, 256) for g, s in ((1, 22), (8, 3), (9, 2), (1, 1), (32, 1))] == \
     [128, 128, 64, 128, 64]
-assert tu.default_block_n(128, 4, 1, 128) == 128 and tu.default_block_n(64, 40, 1, 128) == 64
-assert tu.default_block_n(16, 1, 22, 256) == 64 and tu.default_block_n(16, 1, 1, 256) == 64
+# one or two long prompts: 64-row tiles with 128-key trips in one stage; bigger steps 64 keys in two
+assert tu.default_block_n(64, 268, 1, 128, 1024) == 128 and tu.default_block_n(64, 284, 1, 128, 2048) == 128
+assert tu.default_block_n(64, 380, 1, 128, 8192) == 64 and tu.default_block_n(64, 268, 1, 256, 1024) == 64
+assert tu.default_num_stages(64, 128) == 1 and tu.default_num_stages(64, 64) == 2 and tu.default_num_stages(16, 128) == 2
+assert tu.default_block_n(16, 1, 22, 256, 1) == 64 and tu.default_block_n(16, 1, 1, 256, 1) == 64
 
 # the split path and the plain kernel agree with each other, not only with the reference
 torch.manual_seed(1)

@@ -26,22 +26,25 @@ def kr():
 
 
 def test_engine_decode_attention_is_pipelined_and_does_not_spill_on_sm90(kr):
-    shapes = {label: (bm, bn, s) for label, bm, bn, s in kr.engine_attention_shapes()}
+    shapes = {label: (bm, bn, s, st) for label, bm, bn, s, st in kr.engine_attention_shapes()}
     assert shapes["decode B64, 124M"][2] == 1 and shapes["decode B1, XL"][2] > 1      # both paths covered
     for label in ("decode B1, XL", "decode B32, XL", "decode B64, 124M"):
-        r = kr.unified_resources(*shapes[label])
+        bm, bn, s, st = shapes[label]
+        r = kr.unified_resources(bm, bn, s, num_stages=st)
         assert r["spill_bytes"] == 0, (label, r)
         assert r["cp_async"], (label, r)                          # the key/value loads go through cp.async
         assert r["registers"] <= 128 and r["programs_per_sm"] >= 4, (label, r)
 
 
 def test_engine_prefill_attention_runs_on_hopper_warpgroup_mmas(kr):
-    """Prefill tiles (64 and 128 rows) multiply with wgmma, Hopper's tensor-core instruction, not the
-    older mma.sync that caps a kernel well below the H200's matmul ceiling."""
-    for label, bm, bn, s in kr.engine_attention_shapes():
+    """Prefill tiles (64 rows) multiply with wgmma, Hopper's tensor-core instruction, not the older
+    mma.sync that caps a kernel well below the H200's matmul ceiling, and fit without spills; with
+    two stages their loads are pipelined (the few-prompt shape runs one stage: nothing to overlap)."""
+    for label, bm, bn, s, st in kr.engine_attention_shapes():
         if label.startswith("prefill"):
-            r = kr.unified_resources(bm, bn, s)
-            assert r["wgmma"] and r["cp_async"], (label, r)
+            r = kr.unified_resources(bm, bn, s, num_stages=st)
+            assert r["wgmma"] and r["spill_bytes"] == 0, (label, r)
+            assert r["cp_async"] == (st > 1), (label, st, r)
 
 
 def test_head_group_experiment_compiles_without_spills_on_sm90(kr):

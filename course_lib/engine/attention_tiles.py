@@ -12,22 +12,22 @@ from __future__ import annotations
 from ..errors import ConfigError
 
 
-#: steps of more tokens than this use 64-row tiles; from TILE_ROWS_DECODE_MAX to here, 128-row tiles
-TILE_ROWS_WIDE_MAX = 2048
-#: steps of at most this many tokens are mostly decodes: 16-row tiles
+#: steps of at most this many tokens are mostly decodes: 16-row tiles; bigger steps, 64-row tiles
 TILE_ROWS_DECODE_MAX = 256
+#: steps of more than TILE_ROWS_DECODE_MAX and at most this many tokens (one or two long prompts)
+#: walk the keys 128 a trip in one pipeline stage; bigger steps 64 a trip in two
+FEW_PROMPTS_MAX_TOKENS = 2048
 
 
 def tile_rows_for(num_tokens: int) -> int:
     """Query rows per tile, from the step's (bucket's) token count. Small steps are mostly decodes
-    (one row per sequence): 16, the smallest ``tl.dot`` tile, wastes least. A step of one or two
-    long prompts has few tiles: 128 rows (with 128-key trips) walk the keys in half as many trips
-    as 64 — on an H200, one 1024-token prompt with GPT-2 XL's 25 heads took 34 us a layer with
-    128-row tiles and 88 us with 64 (benchmarks/probe_session3.py). Big steps have tiles to spare
-    and 64 rows keep more programs per SM: 116 us against 126 for eight such prompts."""
-    if num_tokens <= TILE_ROWS_DECODE_MAX:
-        return 16
-    return 128 if num_tokens <= TILE_ROWS_WIDE_MAX else 64
+    (one row per sequence): 16, the smallest ``tl.dot`` tile, wastes least. Bigger steps hold
+    prompts: 64 rows. On an H200 (benchmarks/bench_attention.py's prefill sweep, session 11), one
+    1,024-token prompt with GPT-2 XL's 25 heads took 21.1 us a layer in 64-row tiles with 128-key
+    trips and one stage against 26.5 us in 128-row tiles (128-key trips, two stages: 255 registers
+    a thread with a spill, two programs an SM); eight such prompts 114.3 us in 64-row tiles with
+    64-key trips against 122.9 in 128-row ones."""
+    return 16 if num_tokens <= TILE_ROWS_DECODE_MAX else 64
 
 
 def max_tiles(num_tokens: int, num_seqs: int, block_m: int) -> int:
@@ -63,14 +63,24 @@ SPLIT_BLOCK_N_FEW = 128
 FEW_TILES = 8
 
 
-def default_block_n(block_m: int, grid_tiles: int, num_splits: int, head_bytes: int) -> int:
+def default_block_n(block_m: int, grid_tiles: int, num_splits: int, head_bytes: int, num_tokens: int) -> int:
     """Keys per loop trip: 128 for 16-row tiles (decode-sized steps) of at most :data:`FEW_TILES`
-    tiles and for 128-row tiles (a few long prompts: half the trips), where K and V of heads up to
-    128 bytes keep shared memory small; else 64 (on the split path, the SPLIT_BLOCK_N constants)."""
+    tiles and for steps of at most :data:`FEW_PROMPTS_MAX_TOKENS` tokens (one or two long prompts:
+    few programs, so fewer and longer trips), where K and V of heads up to 128 bytes keep shared
+    memory small; else 64 (on the split path, the SPLIT_BLOCK_N constants). ``num_tokens``: the
+    step's (bucket's) token count."""
     few_decodes = block_m == 16 and grid_tiles <= FEW_TILES
     if num_splits > 1:
         return SPLIT_BLOCK_N_FEW if few_decodes and head_bytes <= 128 else SPLIT_BLOCK_N
-    return 128 if (few_decodes or block_m == 128) and head_bytes <= 128 else 64
+    few_prompts = block_m > 16 and num_tokens <= FEW_PROMPTS_MAX_TOKENS
+    return 128 if (few_decodes or few_prompts) and head_bytes <= 128 else 64
+
+
+def default_num_stages(block_m: int, block_n: int) -> int:
+    """Pipeline stages of the key loop: one for the few-prompt shape (64 rows x 128 keys: 21.1 us
+    against 23.9 with two for GPT-2 XL's 1,024-token prompt on an H200, where two stages of K and
+    V tiles cost programs per SM), else two (loads one trip ahead)."""
+    return 1 if block_m > 16 and block_n == 128 else 2
 
 
 #: programs per SM the split-KV path aims for: enough resident programs to keep memory requests in flight
@@ -104,7 +114,9 @@ def kv_splits_for(grid_tiles: int, num_heads: int, block_m: int, num_sms: int, m
     want = -(-PROGRAMS_PER_SM * num_sms // (grid_tiles * num_heads))
     splits = max(1, min(max_splits, want))
     if max_keys is not None and splits > 1:
-        splits = max(1, min(splits, -(-max_keys // default_block_n(block_m, grid_tiles, splits, head_bytes))))
+        # a split step is decode-sized (16-row tiles): at most TILE_ROWS_DECODE_MAX tokens
+        trip = default_block_n(block_m, grid_tiles, splits, head_bytes, TILE_ROWS_DECODE_MAX)
+        splits = max(1, min(splits, -(-max_keys // trip)))
     return splits
 
 

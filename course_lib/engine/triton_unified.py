@@ -62,7 +62,8 @@ import triton
 import triton.language as tl
 
 from .pdl import pdl_enabled, pdl_launch_next, pdl_wait
-from .attention_tiles import build_tiles, default_block_n, kv_splits_for, max_tiles, tile_rows_for  # noqa: F401  (the host side)
+from .attention_tiles import (build_tiles, default_block_n, default_num_stages, kv_splits_for, max_tiles,  # noqa: F401
+                              tile_rows_for)  # (the host side)
 
 LOG2_E = 1.4426950408889634          # exp(x) = exp2(x * log2(e)); exp2 is the hardware instruction
 
@@ -280,7 +281,7 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       block_tables: torch.Tensor, context_lens: torch.Tensor, query_start: torch.Tensor,
                       tile_seq: torch.Tensor, tile_row: torch.Tensor, num_tiles: torch.Tensor,
                       grid_tiles: int, block_m: int, out: torch.Tensor | None = None,
-                      block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                      block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                       num_splits: int = 1, split_counters: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of every new query row ``q`` (N, H, Dh) against its sequence's keys → (N, H, Dh).
 
@@ -290,7 +291,8 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     with the same ``block_m``); ``num_tiles`` (1,) live tiles; ``grid_tiles`` >= that, a fixed launch
     size. All device tensors, no host synchronisation: safe inside a CUDA graph. Rows not covered by
     a tile (padding) are left as they are in ``out``. ``block_n``: keys per loop trip (default:
-    :func:`default_block_n`).
+    :func:`default_block_n`); ``num_stages``: the key loop's pipeline stages (default:
+    :func:`default_num_stages`).
 
     ``num_splits`` > 1: split-KV — each tile's keys in that many chunks, one program each; the last
     of a (tile, head)'s programs to finish merges them. Its fp32 scratch ``(S, N, H, Dh + 2)`` is
@@ -309,7 +311,9 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     fp32 = q.dtype == torch.float32
     pdl = pdl_enabled(q.device)
     if block_n is None:
-        block_n = default_block_n(block_m, grid_tiles, num_splits, Dh * q.element_size())
+        block_n = default_block_n(block_m, grid_tiles, num_splits, Dh * q.element_size(), N)
+    if num_stages is None:
+        num_stages = default_num_stages(block_m, block_n)
     if num_splits > 1:
         part_ml = torch.empty(2, num_splits, N, H, dtype=torch.float32, device=q.device)       # m and l
         part_acc = torch.empty(num_splits, N, H, Dh, dtype=torch.float32, device=q.device)
