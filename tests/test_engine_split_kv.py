@@ -196,8 +196,8 @@ for bad in (torch.zeros(512, dtype=torch.int64), torch.zeros(3, dtype=torch.int3
         assert "split_counters must be a contiguous int32 tensor" in str(e), e
     else:
         raise AssertionError("a wrong counter buffer was accepted")
-# the default trip: 128 keys for a few decodes (split or not) and for 128-row tiles; 64 for many
-# decodes, 64-row tiles, and heads wider than 128 bytes
+# the default trip: 128 keys for a few decodes (split or not) and for one or two long prompts; 64 for
+# many decodes, bigger prefill steps, and heads wider than 128 bytes
 assert [tu.default_block_n(16, g, s, 128, 256) for g, s in ((1, 22), (8, 3), (9, 2), (1, 1), (32, 1))] == \
     [128, 128, 64, 128, 64]
 # one or two long prompts: 64-row tiles with 128-key trips in one stage; bigger steps 64 keys in two
