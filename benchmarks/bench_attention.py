@@ -16,6 +16,9 @@
    block sizes and warps at batch 1 (GPT-2 XL), for tuning the defaults.
 3. Engine: a GPT-2 XL-shaped random-weight engine (whole-step CUDA graphs), decode at batch 1,
    context 512, max_kv_splits=1 (off) against the default.
+4. Sweeps of bench_engine's decode and prefill calls over launch configurations, beside the
+   engine's choice; the prefill calls also beside torch's fused attention kernels (sdpa_peers);
+   and the head-group experiment (attention_head_groups.py). See benchmarks/README.md.
 
 Writes one JSON (device, versions, raw times) to --out. One failing shape is printed and skipped.
 """
