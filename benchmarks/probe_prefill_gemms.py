@@ -6,8 +6,8 @@ The fused forward stores every projection K-contiguous (``W.T`` row-major, fused
 the decode GEMVs need; cuBLAS runs the prefill products on the same tensors. For GPT-2 124M's and
 XL's four products of a layer at 1,024 and 8,192 rows (bench_engine's prefill rows), bf16, this
 times, each inside a CUDA graph that calls the product on 2-8 distinct weight copies (more than L2
-holds for XL's products; GPT-2 124M's copies fit in it, which matters little to products bound by
-the tensor cores at these row counts):
+holds for XL's QKV and MLP products; the other copies fit in it, which matters little to products
+bound by the tensor cores at these row counts):
 
 * ``engine``: the engine's call on the K-contiguous weight (``addmm`` with the bias for QKV,
   cuBLASLt's bias + GELU epilogue for the first MLP product, ``mm`` for the two projections, whose
@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     rows = []
     for model, D in MODELS:
         for name, K, N, call in products(D):
-            copies = max(2, min(8, (256 << 20) // (K * N * 2)))             # XL: > L2 (50 MB)
+            copies = max(2, min(8, (256 << 20) // (K * N * 2)))             # XL's big ones: > L2 (50 MB)
             k_contiguous = [(torch.randn(N, K, device=device) / K ** 0.5).to(dtype).t() for _ in range(copies)]
             n_contiguous = [w.contiguous() for w in k_contiguous]           # same values, (K, N) row-major
             b = torch.randn(N, device=device, dtype=dtype)
