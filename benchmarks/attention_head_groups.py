@@ -22,6 +22,10 @@ compiled for an H200 (sm_90) with 4 warps and 16-key trips, one head takes 56 re
 four 204, eight spill. Triton's software pipelining takes only loads that feed a ``tl.dot``, so the
 kernel issues each trip's loads one trip ahead by hand.
 
+Outcome on an H200 (benchmarks/NOTES.md, session 11): slower than the unified kernel on every call
+timed, e.g. 80.5 against 71.3 us a layer call for 64 decodes over contexts in [100, 2048] with
+GPT-2 124M's heads; kept as the record, not used by the engine.
+
 Decode rows only (one query row per sequence, at the sequence's last position), no causal mask
 needed. ``benchmarks/bench_attention.py``'s ``head_groups`` part times it against the unified
 kernel; ``tests/test_attention_head_groups.py`` checks it against a plain softmax through the

@@ -404,10 +404,10 @@ def sdpa_peers(B, H, T, Dh, dtype, device, reps=3) -> dict:
     bar for our kernel: what the best-known kernels reach on this shape."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v = (torch.randn(B, H, T, Dh, dtype=dtype, device=device) for _ in range(3))
     layers = 2
-    ks = [torch.randn_like(k) for _ in range(layers)]
-    vs = [torch.randn_like(v) for _ in range(layers)]
+    q = torch.randn(B, H, T, Dh, dtype=dtype, device=device)
+    ks = [torch.randn_like(q) for _ in range(layers)]
+    vs = [torch.randn_like(q) for _ in range(layers)]
     out = {}
     for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
         backend = getattr(SDPBackend, name, None)

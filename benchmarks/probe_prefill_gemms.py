@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
                 if name == "mlp.c_fc":
                     r["no_epilogue_s"] = timed(lambda x, w, b: torch.mm(x, w), x, k_contiguous, b)
                 for key in [k for k in r if k.endswith("_s")]:
-                    r[key.replace("_s", "_tflops")] = flops / r[key] / 1e12
+                    r[key[:-len("_s")] + "_tflops"] = flops / r[key] / 1e12
                 rows.append(r)
                 print(f"{model:8} {name:12} M={M:5}: engine {r['engine_s'] * 1e6:7.1f} us ({r['engine_tflops']:4.0f})"
                       f"  n-contiguous {r['n_contiguous_s'] * 1e6:7.1f} us ({r['n_contiguous_tflops']:4.0f})"
