@@ -280,10 +280,10 @@ def engine_decode(model_name, fused, model, prompts, device, dtype, logits_store
     original = runner.execute
 
     def recording(flat):
-        logits = original(flat)
+        logits, greedy = original(flat)
         if not first:
             first.append(logits.float().clone())
-        return logits
+        return logits, greedy
 
     runner.execute = recording
     tokens = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))]

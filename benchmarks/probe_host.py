@@ -68,7 +68,7 @@ def stubbed_llm(decode_burst: int, max_num_batched_tokens: int = 8192, num_kv_bl
 
     def execute(flat):
         MARKS.setdefault("launch", time.perf_counter())      # the first launch of the timed call
-        return logits[:len(flat.logits_indices)]             # (R, V)
+        return logits[:len(flat.logits_indices)], None       # (R, V), no greedy tokens: sampled here
 
     llm.engine.runner.execute = execute
     return llm

@@ -10,6 +10,7 @@ close log-probabilities (after a difference the continuations legitimately part)
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -178,7 +179,8 @@ def test_gpu_split_kv_merges_in_the_same_launch_over_many_replays(dtype, tol):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_graph_replay_is_bitwise_the_eager_forward(ckpt, dtype):
     """A captured step replays exactly the kernels of the eager forward on the same buffers: the
-    logits are equal bit for bit, for a mixed step (decodes + prefill chunk + cached prefix)."""
+    logits are equal bit for bit, for a mixed step (decodes + prefill chunk + cached prefix), and
+    the greedy tokens it ends with are torch.argmax's."""
     from course_lib.engine.batch import COMMON_ARRAYS, build_flat_batch
 
     llm = LLM(ckpt, device="cuda", dtype=dtype, max_num_batched_tokens=256, max_num_seqs=8, num_kv_blocks=256)
@@ -194,14 +196,19 @@ def test_gpu_graph_replay_is_bitwise_the_eager_forward(ckpt, dtype):
         flat = build_flat_batch(sched.scheduled, eng.config.block_size)
         N = next(n for n, b in graphs.buffers.items() if b.fits(flat))
         buf = graphs.buffers[N]
-        buf.load({**{n: flat.arrays()[n] for n in COMMON_ARRAYS},
+        R = len(flat.logits_indices)
+        buf.load({**{n: flat.arrays()[n] for n in COMMON_ARRAYS}, "num_logits": np.array([R]),
                   **eng.runner.attention.extra_arrays(flat, block_m=buf.block_m)}, graphs.staging)
         graph, logits = graphs.graphs[N]
         eager = logits.new_empty(logits.shape[0], eng.runner.logits_width)   # the head's padded width
         eng.runner.forward(graphs.static_batch(buf), logits_out=eager)      # the same kernels, run eagerly
-        eager = eager[:len(flat.logits_indices), :logits.shape[1]]
+        eager = eager[:R, :logits.shape[1]]
+        eng.runner.sampled_tokens.fill_(-1)
         graph.replay()
-        assert torch.equal(logits[:len(flat.logits_indices)], eager), f"step {checked} (bucket {N})"
+        assert torch.equal(logits[:R], eager), f"step {checked} (bucket {N})"
+        # the graph's last kernel: torch.argmax's tokens (first of equal logits) for the live rows only
+        tokens = eng.runner.sampled_tokens
+        assert torch.equal(tokens[:R], eager.argmax(-1)) and (tokens[R:] == -1).all(), f"step {checked}"
         from course_lib.engine.sampler import sample
 
         seqs = [s.seq for s in flat.seqs if s.needs_logits]

@@ -190,14 +190,14 @@ replays = []
 shared_logits = torch.zeros(6, model.config.vocab_size)    # one logits buffer for every graph, as captured
 
 class EagerGraph:
-    def __init__(self, N, batch):
-        self.N, self.batch = N, batch
-        self.out = shared_logits[:batch.logits_indices.shape[0]]
+    def __init__(self, N, buf):
+        self.N, self.buf, self.batch = N, buf, graphs.static_batch(buf)
+        self.out = shared_logits[:self.batch.logits_indices.shape[0]]
 
-    def replay(self):
+    def replay(self):                              # what the capture records: forward, then the argmax
         replays.append(self.N)
         assert self.batch.input_ids.shape[0] == self.N
-        runner.forward(self.batch, logits_out=self.out)
+        graphs.step(self.buf, self.batch, self.out)
 
 # padded rows' attention output is never written (the buffer's old contents stay): NaN there must
 # not reach a live row
@@ -215,7 +215,7 @@ def forward_noting_slots(b, logits_out=None):
 runner.forward = forward_noting_slots
 
 for N, buf in graphs.buffers.items():
-    g = EagerGraph(N, graphs.static_batch(buf))
+    g = EagerGraph(N, buf)
     graphs.graphs[N] = (g, g.out)
 runner.step_graphs = graphs
 assert [o.token_ids for o in llm.generate(prompts, p)] == want

@@ -1,6 +1,7 @@
-"""The fused kernels (triton_fused.py), the decode GEMV (triton_gemv.py) and the fused forward
-(fused_forward.py) on CPU: kernels through the Triton interpreter against torch, the engine's
-greedy outputs with fused kernels on vs off, and the host-side decisions (plans, config).
+"""The fused kernels (triton_fused.py), the decode GEMV (triton_gemv.py), the greedy argmax
+(triton_argmax.py) and the fused forward (fused_forward.py) on CPU: kernels through the Triton
+interpreter against torch, the engine's greedy outputs with fused kernels on vs off, and the
+host-side decisions (plans, config).
 
 Interpreted checks run in a fresh process (TRITON_INTERPRET=1 must be set before the kernels are
 defined). The GPU side, timing included, is benchmarks/bench_kernels.py.
@@ -277,6 +278,56 @@ if __name__ == "__main__":
 """
 
 
+ARGMAX = r"""
+import torch
+from course_lib.engine.triton_argmax import ArgmaxRows, BLOCK
+from course_lib.errors import InputError
+
+torch.manual_seed(0)
+am = ArgmaxRows(8, "cpu")
+n = 0
+for dtype in (torch.float32, torch.bfloat16):
+    for V in (1, 100, BLOCK, BLOCK + 1, 3 * BLOCK - 5):
+        for S, live in ((1, 1), (5, 5), (6, 3)):
+            x = torch.randn(S, V).to(dtype)
+            if V > 10:
+                x[0, 7] = x[0].max()                       # a tie: the first column wins
+                x[0, V - 1] = x[0].max()
+            if S > 1 and V > 10:
+                x[1, V // 2] = float("nan")                # NaN is the largest
+                x[1, 3] = float("nan")
+                x[2] = float("-inf")                       # all -inf: column 0
+                x[3] = -1.0                                # all equal negatives: column 0
+                x[3, V - 2] = -0.5
+                x[4] = -1.0
+                x[4, 0], x[4, 5] = -0.0, 0.0               # -0.0 == 0.0: the first column wins
+            out = torch.full((S,), -7, dtype=torch.int64)
+            for rep in range(2):                           # the scratch is reset for the next launch
+                out.fill_(-7)
+                am(x, torch.tensor([live]), out)
+                ref = x[:live].argmax(-1)
+                assert torch.equal(out[:live], ref), (dtype, V, S, rep, out, ref)
+                assert (out[live:] == -7).all(), "rows past num_rows were written"
+                n += 1
+# a strided view with contiguous rows (the graph's logits buffer cut to V columns)
+buf = torch.randn(4, 300)
+out = torch.empty(4, dtype=torch.int64)
+am(buf[:, :257], torch.tensor([4]), out)
+assert torch.equal(out, buf[:, :257].argmax(-1))
+for bad in (lambda: am(torch.randn(9, 10), torch.tensor([1]), torch.empty(9, dtype=torch.int64)),
+            lambda: am(torch.randn(10, 4).t(), torch.tensor([1]), torch.empty(4, dtype=torch.int64)),
+            lambda: am(torch.randn(2, 10), torch.tensor([1]), torch.empty(2, dtype=torch.int32)),
+            lambda: am(torch.randn(2, 10), torch.tensor(1), torch.empty(2, dtype=torch.int64))):
+    try:
+        bad()
+    except InputError:
+        pass
+    else:
+        raise AssertionError("bad input was accepted")
+print("argmax ok", n)
+"""
+
+
 
 def test_gemv_and_fused_kernels_match_torch_in_interpreter():
     pytest.importorskip("triton")
@@ -292,6 +343,14 @@ def test_tensor_parallel_with_fused_kernels_in_interpreter():
     """Two ranks: each projection completed and all-reduced before the fused add + LayerNorm."""
     pytest.importorskip("triton")
     run_interpreted(TENSOR_PARALLEL, "tensor parallel fused ok")
+
+
+def test_argmax_rows_equals_torch_argmax_in_interpreter():
+    """The step graphs' greedy argmax (triton_argmax.py): torch.argmax's exact answer — the first
+    of equal logits, NaN above all, -0.0 equal to 0.0 — on rows of many chunks, only for the live
+    rows, and again on a second launch (the scratch it keeps is reset)."""
+    pytest.importorskip("triton")
+    run_interpreted(ARGMAX, "argmax ok")
 
 
 # ---------------------------------------------------------------------- host side, no kernels run

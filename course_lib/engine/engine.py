@@ -195,13 +195,14 @@ class LLMEngine:
             if i:
                 flats.append(next_decode_batch(flats[-1], self.config.block_size))
             if self.tp is None:
-                logits = self.runner.execute(flats[-1])                         # (R, V)
+                logits, greedy = self.runner.execute(flats[-1])                 # (R, V), (R,) or None
             else:                             # every rank runs the step: a Ctrl-C waits for its end
                 with deferred_interrupts():
-                    logits = self.tp.execute(self.runner, flats[-1])            # (R, V), from rank 0
-            sampled = sample(logits, logit_seqs)                                # on the device
+                    logits, greedy = self.tp.execute(self.runner, flats[-1])    # from rank 0
+            sampled = sample(logits, logit_seqs, greedy)                        # on the device
             self.runner.keep_sampled(sampled.tokens)                            # the next step's decode ids
-            tokens.append(sampled.tokens)
+            # a graph's tokens live in a buffer the burst's next step overwrites
+            tokens.append(sampled.tokens.clone() if steps > 1 else sampled.tokens)
         if steps > 1:                         # a burst samples greedily, without log-probabilities
             sampled = DeviceSample(torch.cat(tokens), [])                       # (steps * R,)
         return flats, sampled

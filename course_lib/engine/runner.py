@@ -91,21 +91,24 @@ class ModelRunner:
         return self.fused.head.shape[0] if self.fused is not None else self.config.vocab_size
 
     def keep_sampled(self, tokens: torch.Tensor) -> None:
-        """Keep the step's sampled tokens ``(R,)`` on the device for the next step's decode rows."""
-        self.sampled_tokens[:tokens.shape[0]].copy_(tokens)
+        """Keep the step's sampled tokens ``(R,)`` on the device for the next step's decode rows
+        (nothing to do when they are already there: a step graph's greedy tokens, sampler.py)."""
+        if tokens.data_ptr() != self.sampled_tokens.data_ptr():
+            self.sampled_tokens[:tokens.shape[0]].copy_(tokens)
 
-    def execute(self, flat: FlatBatch) -> torch.Tensor:
-        """Logits ``(R, V)`` of the batch's logit rows; every new token's K/V written to the pool."""
+    def execute(self, flat: FlatBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits ``(R, V)`` of the batch's logit rows, and their greedy tokens ``(R,)`` when a step
+        graph computed them (``None`` otherwise); every new token's K/V written to the pool."""
         if self.step_graphs is not None:
-            logits = self.step_graphs.run(flat)
-            if logits is not None:
-                return logits
+            replayed = self.step_graphs.run(flat)
+            if replayed is not None:
+                return replayed
         arrays = {**flat.arrays(), **self.attention.extra_arrays(flat)}
         views = to_device(arrays, self.device)
         meta = self.attention.metadata(flat, views, self.kv.pool.dtype, self.kv.block_size)
         batch = DeviceBatch(views["input_ids"], views["positions"], views["slot_mapping"],
                             views["logits_indices"], meta, views["feed_rows"])
-        return self.forward(batch)
+        return self.forward(batch), None
 
     def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of a row-split product's partial output (N, D); itself with one rank."""

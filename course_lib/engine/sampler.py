@@ -33,19 +33,24 @@ class DeviceSample:
     def copy_to_host(self) -> "HostSample":
         """Start the device→host copy (non-blocking, into pinned memory, a CUDA event after it);
         :meth:`HostSample.read` waits for it. On the CPU the tensors are already on the host."""
-        ints = [self.tokens] + [ids for _, ids, _, _ in self.logprobs]
-        floats = [torch.cat([vals, chosen.view(1)]) for _, _, vals, chosen in self.logprobs]
-        ints = torch.cat(ints)                                                    # (R + sum k,)
-        floats = torch.cat(floats) if floats else ints.new_zeros(0, dtype=torch.float32)   # (sum (k + 1),)
+        ints, floats = self.tokens, torch.zeros(0)                               # (R,), no log-probs
+        if self.logprobs:
+            ints = torch.cat([ints] + [ids for _, ids, _, _ in self.logprobs])    # (R + sum k,)
+            floats = torch.cat([torch.cat([vals, chosen.view(1)]) for _, _, vals, chosen in self.logprobs])   # (sum (k + 1),)
         event = None
         if ints.device.type == "cuda":
+            # the copy is queued before the next step, which may overwrite the tokens (a graph's buffer)
             host_ints = torch.empty(ints.shape, dtype=ints.dtype, pin_memory=True)
-            host_floats = torch.empty(floats.shape, dtype=floats.dtype, pin_memory=True)
             host_ints.copy_(ints, non_blocking=True)
-            host_floats.copy_(floats, non_blocking=True)
+            if self.logprobs:
+                host_floats = torch.empty(floats.shape, dtype=floats.dtype, pin_memory=True)
+                host_floats.copy_(floats, non_blocking=True)
+                floats = host_floats
             event = torch.cuda.Event()
             event.record()
-            ints, floats = host_ints, host_floats
+            ints = host_ints
+        elif ints is self.tokens:
+            ints = ints.clone()                 # the host's own: the next step may write over the tokens
         layout = [(row, ids.shape[0]) for row, ids, _, _ in self.logprobs]
         return HostSample(self.tokens.shape[0], layout, ints, floats, event)
 
@@ -80,10 +85,12 @@ class HostSample:
         return tokens, logprobs
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
+def sample(logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor | None = None) -> DeviceSample:
     """``logits`` (R, V), one row per sequence in ``seqs`` → R token ids and the top log-probabilities
-    asked for (``SamplingParams.logprobs``), on the logits' device; no host synchronisation."""
-    tokens = logits.argmax(dim=-1)                                  # (R,) greedy for every row
+    asked for (``SamplingParams.logprobs``), on the logits' device; no host synchronisation.
+    ``greedy`` (R,): every row's argmax, already computed (a step graph's, step_graphs.py); the
+    rows that do not sample greedily are then written over in it."""
+    tokens = logits.argmax(dim=-1) if greedy is None else greedy    # (R,) greedy for every row
     for row, seq in enumerate(seqs):
         p = seq.params
         if p.greedy:

@@ -22,7 +22,11 @@ How. A graph replays *fixed* kernels on *fixed* addresses with *fixed* shapes, s
   inside the null block (block_manager.NULL_BLOCK) that no request reads; they belong to no
   attention tile, so their attention output is never written (it holds whatever the memory held:
   every later kernel works row by row, and no tile loads the null block's keys); logit rows past
-  the live ones point at row 0 and are dropped.
+  the live ones point at row 0 and are dropped;
+* **greedy tokens**: the graph ends with the argmax of its live logit rows (triton_argmax.py; their
+  number is the static ``num_logits``), written into the runner's ``sampled_tokens`` — the buffer
+  the next step's first kernel reads its device-fed ids from. A greedy step then needs nothing
+  after the replay but the tokens' copy to the host.
 
 All graphs are captured at start-up, largest bucket first, into one shared memory pool: each
 smaller graph reuses the largest one's activation memory, all of them write their logits into
@@ -38,6 +42,7 @@ import torch
 
 from .attention_tiles import max_tiles, tile_rows_for
 from .batch import FlatBatch
+from .triton_argmax import ArgmaxRows
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -60,7 +65,7 @@ class StepBuffers:
         self.block_m = tile_rows_for(N)
         self.grid = max_tiles(N, S, self.block_m)
         self.shapes = {"input_ids": (N,), "positions": (N,), "slot_mapping": (N,), "feed_rows": (N,),
-                       "logits_indices": (S,),
+                       "logits_indices": (S,), "num_logits": (1,),
                        "context_lens": (S,), "query_start": (S + 1,), "block_tables": (S, M),
                        "tile_seq": (self.grid,), "tile_row": (self.grid,), "num_tiles": (1,)}
         sizes = [int(np.prod(s)) for s in self.shapes.values()]
@@ -136,6 +141,7 @@ class StepGraphs:
         self.buffers = {N: StepBuffers(N, max_num_seqs, max_blocks, runner.device)
                         for N in token_buckets(max_tokens)}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.argmax = ArgmaxRows(max(b.num_seqs for b in self.buffers.values()), runner.device)
         self.staging = Staging(max(b.size for b in self.buffers.values()), pinned=torch.device(runner.device).type == "cuda",
                                images=staging_images)
 
@@ -175,22 +181,32 @@ class StepGraphs:
             out = logits[:buf.num_seqs]                      # every graph writes the same logits buffer
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):                  # warm up: compile kernels, pick algorithms
-                self.runner.forward(batch, logits_out=out)
+                self.step(buf, batch, out)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.runner.forward(batch, logits_out=out)   # (S, width)
+                self.step(buf, batch, out)                   # (S, width)
             self.graphs[N] = (graph, out[:, :V])             # (S, V)
         torch.cuda.synchronize()
 
-    def run(self, flat: FlatBatch) -> torch.Tensor | None:
-        """Replay the smallest bucket that holds the step; ``None`` when none does (then the runner
-        runs it eagerly). The logits ``(R, V)`` are overwritten by the next replay."""
+    def step(self, buf: StepBuffers, batch, logits_out: torch.Tensor) -> None:
+        """What a bucket's graph records: the forward, its logits into ``logits_out`` (S, width), then
+        the greedy token of each live logit row into the runner's ``sampled_tokens`` (S,)."""
+        V = self.runner.config.vocab_size
+        self.runner.forward(batch, logits_out=logits_out)
+        self.argmax(logits_out[:, :V], buf.views["num_logits"], self.runner.sampled_tokens[:buf.num_seqs])
+
+    def run(self, flat: FlatBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Replay the smallest bucket that holds the step: its logits ``(R, V)`` and greedy tokens
+        ``(R,)`` (a view of the runner's ``sampled_tokens``), both overwritten by the next replay;
+        ``None`` when no bucket holds it (then the runner runs it eagerly)."""
         for N, buf in self.buffers.items():
             if buf.fits(flat):
-                arrays = {**flat.arrays(), **self.runner.attention.extra_arrays(flat, block_m=buf.block_m)}
+                R = len(flat.logits_indices)
+                arrays = {**flat.arrays(), **self.runner.attention.extra_arrays(flat, block_m=buf.block_m),
+                          "num_logits": np.array([R])}
                 buf.load(arrays, self.staging)
                 graph, logits = self.graphs[N]
                 graph.replay()
-                return logits[:len(flat.logits_indices)]
+                return logits[:R], self.runner.sampled_tokens[:R]
         return None

@@ -273,18 +273,19 @@ class TensorParallelGroup:
         if self.failure is not None:
             raise TensorParallelError(self.failure)
 
-    def execute(self, runner, flat: FlatBatch) -> torch.Tensor:
-        """Broadcast the step, run rank 0's share of it, return the logits ``(R, V)``. A failure
-        anywhere stops the group and raises :class:`TensorParallelError`."""
+    def execute(self, runner, flat: FlatBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Broadcast the step, run rank 0's share of it, return what :meth:`ModelRunner.execute`
+        returns (the logits ``(R, V)``, the greedy tokens or ``None``). A failure anywhere stops the
+        group and raises :class:`TensorParallelError`."""
         self.check_usable()
         try:
             self.collectives.send(STEP, flat)
-            logits = runner.execute(flat)
+            result = runner.execute(flat)
             if self.collectives.device.type == "cuda":
                 self._wait_for_gpu()
         except BaseException as e:
             raise self.fail(e, "in a step") from e
-        return logits
+        return result
 
     def inject_fault(self, rank: int) -> None:
         """Make worker ``rank`` raise in its next step (for the tests of failure handling)."""
