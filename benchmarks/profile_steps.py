@@ -4,7 +4,9 @@
 
 For each model: prefill steps (B1 and B8 × 1024 tokens) and decode steps (B1 and B32, context 512),
 profiled with torch.profiler (CUDA activity) around ``engine.step()`` calls marked with
-``record_function``. Per step it reports the wall time, the number of CUDA kernels, the GPU time of
+``record_function``; a decode call runs a burst of ``decode_burst`` forward steps, so every number
+is a sum over the profiled calls divided by the forward steps they issued. Per forward step it
+reports the wall time, the number of CUDA kernels, the GPU time of
 each kernel class (matmuls, attention, LayerNorm, element-wise, sampling, copies, other) and the
 GPU's idle time: the wall time less the union of the kernels' busy intervals (a graph replay's
 kernels can overlap; each instant is counted once), and the kernels that took the most GPU time.
@@ -20,7 +22,6 @@ import argparse
 import datetime as dt
 import json
 import re
-import statistics
 import sys
 from pathlib import Path
 
@@ -70,10 +71,13 @@ def profile_steps(llm, prompts, max_tokens: int, skip: int, steps: int) -> list[
     for _ in range(skip):
         llm.engine.step()
     torch.cuda.synchronize()
+    forward_steps = []              # forward steps each call issued: a decode burst issues several
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
+            before = llm.engine.num_steps
             with record_function(f"engine_step_{i}"):
                 llm.engine.step()
+            forward_steps.append(llm.engine.num_steps - before)
         torch.cuda.synchronize()
     while llm.engine.has_unfinished():
         llm.engine.step()
@@ -87,7 +91,7 @@ def profile_steps(llm, prompts, max_tokens: int, skip: int, steps: int) -> list[
     end = max([k.time_range.end for k in kernels] + [starts[-1]])
     windows = list(zip(starts, starts[1:] + [end]))
     rows = []
-    for a, b in windows:
+    for (a, b), issued in zip(windows, forward_steps):
         inside = [k for k in kernels if a <= k.time_range.start < b]
         per_name: dict[str, float] = {}
         for k in inside:
@@ -97,22 +101,25 @@ def profile_steps(llm, prompts, max_tokens: int, skip: int, steps: int) -> list[
             c = kernel_class(n)
             per_class[c] = per_class.get(c, 0.0) + us
         busy = busy_time([(k.time_range.start, k.time_range.end) for k in inside], a, b)
-        rows.append({"wall_us": b - a, "kernels": len(inside), "busy_us": busy, "idle_us": (b - a) - busy,
-                     "class_us": per_class, "name_us": per_name})
+        rows.append({"forward_steps": issued, "wall_us": b - a, "kernels": len(inside), "busy_us": busy,
+                     "idle_us": (b - a) - busy, "class_us": per_class, "name_us": per_name})
     return rows
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Median over the profiled steps of every number."""
-    med = lambda xs: statistics.median(xs) if xs else 0.0   # noqa: E731
+    """Every number per forward step: the sum over the profiled calls over the forward steps they
+    issued. A call that runs a decode burst issues several steps, and the calls between bursts
+    issue none (with asynchronous scheduling, a burst's kernels may also start in the next call's
+    window): only the sums mean a step. One step a call (prefill): that call's numbers."""
+    n = sum(r["forward_steps"] for r in rows)
+    per = lambda key: sum(r[key] for r in rows) / n             # noqa: E731
+    per_in = lambda key, k: sum(r[key].get(k, 0.0) for r in rows) / n   # noqa: E731
     classes = sorted({c for r in rows for c in r["class_us"]})
-    return {"steps": len(rows), "wall_us": med([r["wall_us"] for r in rows]),
-            "kernels": med([r["kernels"] for r in rows]), "busy_us": med([r["busy_us"] for r in rows]),
-            "idle_us": med([r["idle_us"] for r in rows]),
-            "class_us": {c: med([r["class_us"].get(c, 0.0) for r in rows]) for c in classes},
-            "top_kernels_us": dict(sorted(((n, med([r["name_us"].get(n, 0.0) for r in rows]))
-                                           for n in {n for r in rows for n in r["name_us"]}),
-                                          key=lambda kv: -kv[1])[:12])}
+    names = {k for r in rows for k in r["name_us"]}
+    return {"calls": len(rows), "forward_steps": n, "wall_us": per("wall_us"), "kernels": per("kernels"),
+            "busy_us": per("busy_us"), "idle_us": per("idle_us"),
+            "class_us": {c: per_in("class_us", c) for c in classes},
+            "top_kernels_us": dict(sorted(((k, per_in("name_us", k)) for k in names), key=lambda kv: -kv[1])[:12])}
 
 
 def main() -> int:
@@ -132,7 +139,7 @@ def main() -> int:
               "pdl": pdl_enabled(device), "cases": []}
     lines = [f"Engine steps on {name} (torch {torch.__version__}, bf16, random weights, CUDA graphs on, "
              f"PDL {'on' if result['pdl'] else 'off'}): "
-             "medians over the profiled steps", "",
+             "per forward step, over the profiled calls (a decode burst is several steps in one call)", "",
              "| model | step | wall µs | kernels | GPU busy µs | GPU idle µs | matmul | attention | layernorm | "
              "element-wise | copy / cache write | sampling | other |", "|" + "---|" * 13]
     for shape in a.models.split(","):
@@ -144,8 +151,11 @@ def main() -> int:
         llm.generate(B.random_prompts(4, (32, 64), V, seed=1), SamplingParams(max_tokens=4, ignore_eos=True))   # warm
         cases = [("prefill B1×1024", B.random_prompts(1, (1024, 1024), V, seed=2), 2, 0, 1),
                  ("prefill B8×1024", B.random_prompts(8, (1024, 1024), V, seed=5), 2, 0, 1),
-                 ("decode B1 ctx 512", B.random_prompts(1, (512, 512), V, seed=3), a.steps + 4, 2, a.steps),
-                 ("decode B32 ctx 512", B.random_prompts(32, (512, 512), V, seed=4), a.steps + 4, 2, a.steps)]
+                 # enough tokens that every profiled call runs a whole burst (decode_burst steps)
+                 ("decode B1 ctx 512", B.random_prompts(1, (512, 512), V, seed=3),
+                  (a.steps + 4) * cfg.decode_burst, 2, a.steps),
+                 ("decode B32 ctx 512", B.random_prompts(32, (512, 512), V, seed=4),
+                  (a.steps + 4) * cfg.decode_burst, 2, a.steps)]
         for label, prompts, max_tokens, skip, steps in cases:
             s = summarise(profile_steps(llm, prompts, max_tokens, skip, steps))
             s.update(model=shape, step=label, fused_kernels=cfg.fused_kernels, async_scheduling=cfg.async_scheduling,
@@ -160,7 +170,7 @@ def main() -> int:
         llm.shutdown()
         del llm, model
         torch.cuda.empty_cache()
-    lines += ["", "The kernels with the most GPU time a step (µs, median over the profiled steps):", ""]
+    lines += ["", "The kernels with the most GPU time a forward step (µs):", ""]
     for s in result["cases"]:
         top = "; ".join(f"{n[:60]} {us:.0f}" for n, us in list(s["top_kernels_us"].items())[:8])
         lines.append(f"* {s['model']} {s['step']}: {top}")
