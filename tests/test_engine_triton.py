@@ -183,7 +183,8 @@ print("engine ok", eng.scheduler.num_preemptions, eng.block_manager.num_hit_toke
 # buffers, buckets, padding and tile tables of every step, replayed through the same forward
 from course_lib.engine.step_graphs import StepGraphs
 
-llm = LLM(model, device="cpu", block_size=4, attention="triton", max_num_batched_tokens=24, max_num_seqs=6)
+llm = LLM(model, device="cpu", block_size=4, attention="triton", max_num_batched_tokens=24, max_num_seqs=6,
+          decode_burst=3)                            # bursts replay the graphs too, each step laid out from the last
 runner = llm.engine.runner
 graphs = StepGraphs(runner, 24, 6, 128 // 4)
 replays = []
@@ -218,7 +219,10 @@ for N, buf in graphs.buffers.items():
     g = EagerGraph(N, buf)
     graphs.graphs[N] = (g, g.out)
 runner.step_graphs = graphs
+bursts, issue = [], llm.engine._forward
+llm.engine._forward = lambda flat, seqs, steps: (bursts.append(steps), issue(flat, seqs, steps))[1]
 assert [o.token_ids for o in llm.generate(prompts, p)] == want
+assert max(bursts) == 3, bursts                        # a graph's tokens, kept step by step within a burst
 assert set(replays) <= set(graphs.buffers) and len(set(replays)) >= 3 and 1 in replays, replays
 assert max(replays) == 32                              # 24-token steps run padded in the 32 bucket
 assert llm.engine.kv_cache.pool[:, :, 0].ne(0).any()      # padded rows wrote to the null block (NaN too)...
