@@ -199,10 +199,22 @@ for dtype in (torch.float32, torch.bfloat16):
         x_e, h_e = embed_layernorm(ids, pos, wte, wpe, ln)
         close(x_e, wte[ids] + wpe[pos], dtype, "embed")          # (the interpreter rounds bf16 its own way)
         close(h_e, lnf(wte[ids] + wpe[pos]), dtype, "embed + ln")
+        # rows fed on the device (async scheduling): feed_rows > 0 takes fed[feed_rows - 1], not the id
+        fed = torch.tensor([29, 3, 17, 8, 22])
+        feed = torch.zeros(rows, dtype=torch.long)
+        feed[::2] = torch.arange(1, rows + 1)[::2] % 5 + 1
+        ids_f = torch.where(feed > 0, fed[(feed - 1).clamp(min=0)], ids)
+        assert not torch.equal(ids_f, ids)
+        x_f, h_f = embed_layernorm(ids, pos, wte, wpe, ln, feed_rows=feed, fed_tokens=fed)
+        close(x_f, wte[ids_f] + wpe[pos], dtype, "embed, fed rows")
+        close(h_f, lnf(wte[ids_f] + wpe[pos]), dtype, "embed + ln, fed rows")
         y, b = torch.randn(rows, 3 * D + 7, dtype=dtype), torch.randn(3 * D + 7, dtype=dtype)
         close(bias_gelu(y, b), F.gelu(y.float() + b.float(), approximate="tanh"), dtype, "bias + gelu")
 for bad in (lambda: add_layernorm(torch.randn(3, 8), torch.nn.LayerNorm(8), torch.randn(2, 8)),
-            lambda: bias_gelu(torch.randn(3, 8), torch.randn(7))):
+            lambda: bias_gelu(torch.randn(3, 8), torch.randn(7)),
+            lambda: embed_layernorm(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long),
+                                    torch.randn(4, 8), torch.randn(4, 8), torch.nn.LayerNorm(8),
+                                    feed_rows=torch.zeros(3, dtype=torch.long))):
     try:
         bad()
         raise SystemExit("bad input accepted")

@@ -144,7 +144,9 @@ class FusedForward:
                              f"{tuple(logits_out.shape)}")
         N = b.input_ids.shape[0]
         H, Dh = runner.kv.num_heads, runner.config.head_dim
-        x, h = embed_layernorm(runner.token_ids(b), b.positions, tr.wte.weight, tr.wpe.weight, tr.h[0].ln_1)  # (N, D)
+        fed = None if b.feed_rows is None else runner.sampled_tokens      # the device-fed ids, in the same launch
+        x, h = embed_layernorm(b.input_ids, b.positions, tr.wte.weight, tr.wpe.weight, tr.h[0].ln_1,
+                               feed_rows=b.feed_rows, fed_tokens=fed)        # (N, D) each
         pending = None
         for layer, block in enumerate(tr.h):
             attn, mlp = block.attn, block.mlp

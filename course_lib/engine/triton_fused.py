@@ -61,12 +61,17 @@ def _add_layernorm_kernel(x_ptr, d_ptr, db_ptr, rows_ptr, w_ptr, b_ptr, x_out_pt
 
 
 @triton.jit
-def _embed_layernorm_kernel(ids_ptr, pos_ptr, wte_ptr, wpe_ptr, w_ptr, b_ptr, x_ptr, h_ptr, D, eps,
-                            stride_te, stride_pe, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+def _embed_layernorm_kernel(ids_ptr, feed_ptr, fed_ptr, pos_ptr, wte_ptr, wpe_ptr, w_ptr, b_ptr, x_ptr, h_ptr, D,
+                            eps, stride_te, stride_pe, BLOCK_D: tl.constexpr, HAS_FEED: tl.constexpr,
+                            USE_PDL: tl.constexpr):
     pdl_launch_next(USE_PDL)
     pdl_wait(USE_PDL)
     i = tl.program_id(0)
     tok = tl.load(ids_ptr + i).to(tl.int64)
+    if HAS_FEED:                                            # a row fed on the device: the last step's token
+        feed = tl.load(feed_ptr + i)
+        if feed > 0:
+            tok = tl.load(fed_ptr + feed - 1).to(tl.int64)
     pos = tl.load(pos_ptr + i).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
@@ -136,16 +141,27 @@ def add_layernorm(x: torch.Tensor, ln: torch.nn.LayerNorm, delta: torch.Tensor |
 
 
 def embed_layernorm(input_ids: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor,
-                    ln: torch.nn.LayerNorm):
-    """``x = wte[input_ids] + wpe[positions]`` and ``ln(x)``, both (N, D), in one launch."""
+                    ln: torch.nn.LayerNorm, feed_rows: torch.Tensor | None = None,
+                    fed_tokens: torch.Tensor | None = None):
+    """``x = wte[ids] + wpe[positions]`` and ``ln(x)``, both (N, D), in one launch. ``ids`` is
+    ``input_ids`` (N,), except where ``feed_rows`` (N,) is > 0: there the row's id is
+    ``fed_tokens[feed_rows - 1]`` (the previous step's token, still on the device: runner.token_ids
+    does the same with torch, in four more launches)."""
     N, D = input_ids.shape[0], wte.shape[1]
+    if (feed_rows is None) != (fed_tokens is None) or (feed_rows is not None and feed_rows.shape != input_ids.shape):
+        raise InputError(f"embed_layernorm needs feed_rows and fed_tokens together, feed_rows shaped like "
+                         f"input_ids {tuple(input_ids.shape)}; got "
+                         f"{None if feed_rows is None else tuple(feed_rows.shape)} and "
+                         f"{None if fed_tokens is None else tuple(fed_tokens.shape)}")
     x = torch.empty(N, D, dtype=wte.dtype, device=wte.device)
     h = torch.empty_like(x)
     if N:
         block = triton.next_power_of_2(D)
-        _embed_layernorm_kernel[(N,)](input_ids, positions, wte, wpe, ln.weight, ln.bias, x, h, D, ln.eps,
-                                      wte.stride(0), wpe.stride(0), BLOCK_D=block, num_warps=_warps(block),
-                                      **_pdl(x))
+        has_feed = feed_rows is not None
+        _embed_layernorm_kernel[(N,)](input_ids, feed_rows if has_feed else input_ids,
+                                      fed_tokens if has_feed else input_ids, positions, wte, wpe, ln.weight,
+                                      ln.bias, x, h, D, ln.eps, wte.stride(0), wpe.stride(0), BLOCK_D=block,
+                                      HAS_FEED=has_feed, num_warps=_warps(block), **_pdl(x))
     return x, h
 
 
