@@ -146,7 +146,7 @@ def embed_layernorm(input_ids: torch.Tensor, positions: torch.Tensor, wte: torch
     """``x = wte[ids] + wpe[positions]`` and ``ln(x)``, both (N, D), in one launch. ``ids`` is
     ``input_ids`` (N,), except where ``feed_rows`` (N,) is > 0: there the row's id is
     ``fed_tokens[feed_rows - 1]`` (the previous step's token, still on the device: runner.token_ids
-    does the same with torch, in four more launches)."""
+    does the same with torch, in five more launches)."""
     N, D = input_ids.shape[0], wte.shape[1]
     if (feed_rows is None) != (fed_tokens is None) or (feed_rows is not None and feed_rows.shape != input_ids.shape):
         raise InputError(f"embed_layernorm needs feed_rows and fed_tokens together, feed_rows shaped like "
