@@ -90,16 +90,13 @@ def attention_signature(kernel) -> dict[str, str]:
 # ---------------------------------------------------------------------------- the engine's attention
 
 
-def unified_resources(block_m: int, block_n: int, num_splits: int, num_warps: int = 4, num_stages: int = 2,
-                      prefetch: bool | None = None) -> dict:
-    """The unified kernel at one launch shape, bf16, 64-wide heads, 16-slot blocks, PDL on; the cached
-    keys loaded before the wait as the engine does (``prefetch=None``), or as given."""
+def unified_resources(block_m: int, block_n: int, num_splits: int, num_warps: int = 4, num_stages: int = 2) -> dict:
+    """The unified kernel at one launch shape, bf16, 64-wide heads, 16-slot blocks, PDL on."""
     from course_lib.engine import triton_unified as tu
 
     kernel = tu._unified_attention_kernel
     constexprs = dict(HEAD_DIM=64, HEAD_DIM_P2=64, BLOCK_SIZE=16, BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=False,
-                      IEEE=False, WHILE_LOOP=False, NUM_SPLITS=num_splits, USE_PDL=True,
-                      PREFETCH=tu.prefetches(num_splits) if prefetch is None else prefetch)
+                      IEEE=False, WHILE_LOOP=False, NUM_SPLITS=num_splits, USE_PDL=True)
     # multiples of 16 at GPT-2's shapes: the q/out/pool/partial-acc strides (H * 64, 64, 16 * H * 64, ...);
     # not the block-table width or the m/l partials' strides (multiples of H)
     divisible = [n for n in kernel.arg_names if n.startswith("stride_")

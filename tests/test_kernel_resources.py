@@ -33,12 +33,7 @@ def test_engine_decode_attention_is_pipelined_and_does_not_spill_on_sm90(kr):
         r = kr.unified_resources(bm, bn, s, num_stages=st)
         assert r["spill_bytes"] == 0, (label, r)
         assert r["cp_async"], (label, r)                          # the key/value loads go through cp.async
-        if s == 1:                                                # wide grids: many programs an SM
-            assert r["registers"] <= 128 and r["programs_per_sm"] >= 4, (label, r)
-        else:         # split-KV holds its first key block from before the wait: fewer, but enough
-            assert r["registers"] <= 192 and r["programs_per_sm"] >= 2, (label, r)
-            off = kr.unified_resources(bm, bn, s, num_stages=st, prefetch=False)
-            assert off["registers"] <= 128 and off["programs_per_sm"] >= 4, (label, off)
+        assert r["registers"] <= 128 and r["programs_per_sm"] >= 4, (label, r)
 
 
 def test_engine_prefill_attention_runs_on_hopper_warpgroup_mmas(kr):

@@ -47,14 +47,6 @@ call with GPT-2 124M's heads that way and 71.9 us this way, 141.9 -> 114.0 us wi
 8 x 1,024 tokens with 124M's heads 63.7 -> 53.2 us (benchmarks/bench_attention.py,
 results/2026-12-02_nvidia-h200_attention_order_*.json).
 
-Before the wait. Launched with programmatic dependent launch (pdl.py), a program may start while
-the kernel ahead — the one that writes this step's K/V — still runs, and must wait for it before it
-reads what that kernel writes. The keys cached before this step (positions below the sequence's
-prefix) were written by earlier steps: a program loads the part of its first key block that holds
-them before the wait, so their memory latency passes beside the kernel ahead; the block's new keys,
-and everything else, come after it. A decode chunk of split-KV is mostly one such block; only
-split-KV launches do it (:func:`prefetches`).
-
 Runs on CPU through the Triton interpreter when ``TRITON_INTERPRET=1`` is set before this module is
 imported (tests/test_engine_triton.py, tests/test_engine_split_kv.py); the interpreter computes bf16 ``tl.dot`` wrongly, so
 interpreted runs multiply in fp32. Introduced in notebooks/12_flash_attention.ipynb.
@@ -74,19 +66,6 @@ from .attention_tiles import (build_tiles, default_block_n, default_num_stages, 
                               tile_rows_for)  # (the host side)
 
 LOG2_E = 1.4426950408889634          # exp(x) = exp2(x * log2(e)); exp2 is the hardware instruction
-#: load the first key block's cached keys before waiting for the kernel ahead, in split-KV launches
-#: (module docstring, "Before the wait"); a module switch so that benchmarks/probe_prefetch_kv.py
-#: can measure both
-PREFETCH_CACHED_KEYS = True
-
-
-def prefetches(num_splits: int) -> bool:
-    """Whether a launch of ``num_splits`` loads its cached keys before the wait: only split-KV ones.
-    The prefetched block costs registers (compiled for sm_90: 128 → 183 a thread at the batch-1 decode
-    shape, 72 → 102 at batch 32, 166 → 186 at a 1,024-token prefill; benchmarks/kernel_resources.py),
-    so fewer programs fit an SM. A split-KV launch has few live programs and waits on memory latency;
-    a wide one needs the programs, and a prefill has no cached keys to load."""
-    return PREFETCH_CACHED_KEYS and num_splits > 1
 
 
 @triton.jit
@@ -100,26 +79,11 @@ def _attend_key_block(q, m, l, acc, start, key_end, pos, seq, head, d, d_ok, k_p
     its ``m`` stays ``-inf`` and ``l``, ``acc`` stay 0 instead of turning NaN."""
     t = start + tl.arange(0, BLOCK_N)                     # (BLOCK_N,) key positions
     t_ok = t < key_end
-    slot = _key_slots(t, t_ok, seq, head, tables_ptr, stride_kblock, stride_kslot, stride_kh, stride_tb,
-                      BLOCK_SIZE)
+    block = tl.load(tables_ptr + seq.to(tl.int64) * stride_tb + t // BLOCK_SIZE, mask=t_ok, other=0)
+    slot = block.to(tl.int64) * stride_kblock + (t % BLOCK_SIZE) * stride_kslot + head * stride_kh
     kv_ok = t_ok[:, None] & d_ok[None, :]
     k = tl.load(k_ptr + slot[:, None] + d[None, :], mask=kv_ok, other=0.0)   # (BLOCK_N, Dh)
     v = tl.load(v_ptr + slot[:, None] + d[None, :], mask=kv_ok, other=0.0)
-    return _fold_key_block(q, m, l, acc, k, v, t, t_ok, pos, qk_scale, MASKED, DOT_FP32, IEEE, SAFE)
-
-
-@triton.jit
-def _key_slots(t, t_ok, seq, head, tables_ptr, stride_kblock, stride_kslot, stride_kh, stride_tb,
-               BLOCK_SIZE: tl.constexpr):
-    """Where keys ``t`` (BLOCK_N,) of sequence ``seq`` and head ``head`` lie in a layer's pool."""
-    block = tl.load(tables_ptr + seq.to(tl.int64) * stride_tb + t // BLOCK_SIZE, mask=t_ok, other=0)
-    return block.to(tl.int64) * stride_kblock + (t % BLOCK_SIZE) * stride_kslot + head * stride_kh
-
-
-@triton.jit
-def _fold_key_block(q, m, l, acc, k, v, t, t_ok, pos, qk_scale, MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
-                    IEEE: tl.constexpr, SAFE: tl.constexpr):
-    """Loaded keys ``k`` and values ``v`` (BLOCK_N, Dh) at positions ``t`` folded into (m, l, acc)."""
     if DOT_FP32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -205,7 +169,7 @@ def _unified_attention_kernel(
                                                  # arrived: (tiles, H) int32 counters, all 0 between launches
     HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    WHILE_LOOP: tl.constexpr, NUM_SPLITS: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_launch_next(USE_PDL)
     # one flat grid, the head fastest, then the key chunk, then the tile: every program of the tile
@@ -221,6 +185,21 @@ def _unified_attention_kernel(
     # the kernel ahead (the K/V write) finishes; the queries and the pool only after it (pdl.py)
     seq, first, q_start, q_end, prefix, rows, key_end = _tile_extent(
         tile, tables_ptr, context_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr, BLOCK_M)
+    pdl_wait(USE_PDL)
+    row_ok = rows < q_end
+    pos = prefix + (rows - q_start)                            # absolute positions of the queries
+
+    d = tl.arange(0, HEAD_DIM_P2)
+    d_ok = d < HEAD_DIM
+    q_rows = rows.to(tl.int64) * stride_qn + head * stride_qh                  # (BLOCK_M,) int64
+    q = tl.load(q_ptr + q_rows[:, None] + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)          # (BLOCK_M, Dh)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)       # running max of the scores (log2 units)
+    l = tl.zeros((BLOCK_M,), tl.float32)                      # running sum of 2^(score - m)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM_P2), tl.float32)        # running sum of 2^(score - m) * v
     # keys before the tile's first position are visible to all its rows: whole blocks of them go
     # without a mask; the blocks from there to the tile's last position straddle the diagonal
     full_end = (prefix + first - q_start + 1) // BLOCK_N * BLOCK_N
@@ -231,49 +210,10 @@ def _unified_attention_kernel(
         chunk = _split_chunk(key_end, NUM_SPLITS, BLOCK_N)
         lo = tl.minimum(split * chunk, key_end)
         hi = tl.minimum(lo + chunk, key_end)
-    d = tl.arange(0, HEAD_DIM_P2)
-    d_ok = d < HEAD_DIM
-    if PREFETCH:
-        # the keys cached before this step (positions < prefix) were written by earlier steps, not by
-        # the kernel ahead: the first key block's of them are loaded before the wait, so their
-        # memory latency passes while the kernel ahead finishes (a decode's whole chunk, mostly)
-        t0 = lo + tl.arange(0, BLOCK_N)
-        t0_ok = t0 < hi
-        cached = t0 < tl.minimum(hi, prefix)
-        slot0 = _key_slots(t0, t0_ok, seq, head, tables_ptr, stride_kblock, stride_kslot, stride_kh, stride_tb,
-                           BLOCK_SIZE)
-        k0 = tl.load(k_ptr + slot0[:, None] + d[None, :], mask=cached[:, None] & d_ok[None, :], other=0.0)
-        v0 = tl.load(v_ptr + slot0[:, None] + d[None, :], mask=cached[:, None] & d_ok[None, :], other=0.0)
-    pdl_wait(USE_PDL)
-    row_ok = rows < q_end
-    pos = prefix + (rows - q_start)                            # absolute positions of the queries
-
-    q_rows = rows.to(tl.int64) * stride_qn + head * stride_qh                  # (BLOCK_M,) int64
-    q = tl.load(q_ptr + q_rows[:, None] + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)          # (BLOCK_M, Dh)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-
-    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)       # running max of the scores (log2 units)
-    l = tl.zeros((BLOCK_M,), tl.float32)                      # running sum of 2^(score - m)
-    acc = tl.zeros((BLOCK_M, HEAD_DIM_P2), tl.float32)        # running sum of 2^(score - m) * v
-    if PREFETCH:
-        if lo < hi:                              # the first block: its new keys now, after the wait
-            fresh = t0_ok & (t0 >= prefix)
-            k1 = tl.load(k_ptr + slot0[:, None] + d[None, :], mask=fresh[:, None] & d_ok[None, :], other=0.0)
-            v1 = tl.load(v_ptr + slot0[:, None] + d[None, :], mask=fresh[:, None] & d_ok[None, :], other=0.0)
-            k = tl.where(cached[:, None], k0, k1)                              # (BLOCK_N, Dh)
-            v = tl.where(cached[:, None], v0, v1)
-            # masked whatever the block: on a block every row sees, the mask keeps every score
-            m, l, acc = _fold_key_block(q, m, l, acc, k, v, t0, t0_ok, pos, qk_scale, True, DOT_FP32, IEEE,
-                                        NUM_SPLITS > 1)
-        lo_rest = lo + BLOCK_N                   # lo and full_end are whole key blocks: the ranges below still
-    else:                                        # cover lo_rest..hi once
-        lo_rest = lo
-    m, l, acc = _attend_key_range(q, m, l, acc, lo_rest, tl.minimum(hi, full_end), hi, pos, seq, head, d, d_ok,
+    m, l, acc = _attend_key_range(q, m, l, acc, lo, tl.minimum(hi, full_end), hi, pos, seq, head, d, d_ok,
                                   k_ptr, v_ptr, tables_ptr, qk_scale, stride_kblock, stride_kslot, stride_kh,
                                   stride_tb, BLOCK_SIZE, BLOCK_N, False, DOT_FP32, IEEE, WHILE_LOOP, False)
-    m, l, acc = _attend_key_range(q, m, l, acc, tl.maximum(lo_rest, full_end), hi, hi, pos, seq, head, d, d_ok,
+    m, l, acc = _attend_key_range(q, m, l, acc, tl.maximum(lo, full_end), hi, hi, pos, seq, head, d, d_ok,
                                   k_ptr, v_ptr, tables_ptr, qk_scale, stride_kblock, stride_kslot, stride_kh,
                                   stride_tb, BLOCK_SIZE, BLOCK_N, True, DOT_FP32, IEEE, WHILE_LOOP,
                                   NUM_SPLITS > 1)
@@ -401,7 +341,6 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         *part_strides,
         BLOCK_SIZE=k_cache.shape[1], DOT_FP32=fp32 or _interpreting(),
         IEEE=fp32 and not _interpreting(), WHILE_LOOP=_interpreting(),
-        num_warps=num_warps, num_stages=num_stages, PREFETCH=prefetches(num_splits), USE_PDL=pdl,
-        launch_pdl=pdl, **consts,
+        num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl, **consts,
     )
     return out
