@@ -154,7 +154,7 @@ def test_stops_inside_a_burst_are_exact_and_later_tokens_are_discarded():
         stop = o.token_ids[min(2 + i, len(o.token_ids) - 1)]
         params.append(SamplingParams(max_tokens=MAX_TOKENS[i], stop_token_ids=[stop], ignore_eos=True))
     params[5] = SamplingParams(max_tokens=MAX_TOKENS[5])                # end-of-text may come first
-    (one, outs_one), (eight, outs_eight) = run(1, params=params), run(8, params=params)
+    (_, outs_one), (eight, outs_eight) = run(1, params=params), run(8, params=params)
     for i, (a, b) in enumerate(zip(outs_one, outs_eight)):
         assert (a.token_ids, a.finish_reason, a.metrics.num_output_tokens) == \
                (b.token_ids, b.finish_reason, b.metrics.num_output_tokens), i

@@ -416,7 +416,7 @@ def test_flat_batch_ids_from_prompt_arrays_and_output_lists():
 
     rng = random.Random(0)
     for trial in range(200):
-        scheduled, want = [], []
+        scheduled = []
         for _ in range(rng.randint(1, 6)):
             prompt = [rng.randrange(100) for _ in range(rng.randint(1, 12))]
             s = _seq(prompt, max_tokens=20)

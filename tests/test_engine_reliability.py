@@ -244,9 +244,6 @@ def test_models_and_settings_that_cannot_serve_are_refused():
         bad.transformer.h[1].mlp.c_fc.weight[0, 0] = 1e6                    # beyond float16's 65504
     with pytest.raises(ConfigError, match="exceed float16's range"):
         LLM(bad, device="cpu", dtype="float16")
-    from course_lib.tokenizer import Tokenizer
-
-    small = Tokenizer.load_json if hasattr(Tokenizer, "load_json") else None   # noqa: F841
     other = type("Other", (), {"vocab_size": 50257})()
     with pytest.raises(ConfigError, match="tokenizer has 50257 tokens but the model's vocabulary has 1024"):
         LLM(MODEL, tokenizer=other, device="cpu")

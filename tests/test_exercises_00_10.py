@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib import GPT, GPTConfig, perf
+from course_lib import GPTConfig, perf
 from course_lib.exercises import (nb00_start_here as e00, nb01_tokens_and_embeddings as e01, nb02_q_k_v as e02,
                                   nb03_scores_mask_softmax as e03, nb04_multi_head_attention as e04,
                                   nb05_transformer_block as e05, nb06_tiny_gpt as e06, nb07_prefill as e07,

@@ -4,7 +4,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from course_lib.engine import LLM, SamplingParams  # noqa: E402
 from course_lib.errors import ConfigError, InputError  # noqa: E402

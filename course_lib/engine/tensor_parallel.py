@@ -68,8 +68,8 @@ def shard_state(model: GPT, rank: int, world: int) -> dict[str, torch.Tensor]:
     """Rank ``rank``'s weights of ``model`` (our parameter names, no lm_head), each a new
     contiguous tensor: heads and MLP columns split, everything else replicated."""
     cfg = model.config
-    D, H, F = cfg.n_embd, cfg.n_head, cfg.mlp_dim
-    heads = slice(rank * D // world, (rank + 1) * D // world)     # this rank's heads' dims of q, k, v (H/N heads)
+    D, F = cfg.n_embd, cfg.mlp_dim
+    heads = slice(rank * D // world, (rank + 1) * D // world)     # this rank's heads' dims of q, k, v (n_head/N heads)
     cols = slice(rank * F // world, (rank + 1) * F // world)      # this rank's MLP columns
     state = {}
     for name, p in model.state_dict().items():

@@ -186,7 +186,6 @@ def tp_sharding_figure(n_head: int, world_size: int, mlp_ratio: int = 4):
     fig, ax = plt.subplots(figsize=(10, 3.4))
     D = 1.0
     F = mlp_ratio * D
-    cw = D / world_size
 
     def matrix(x0, w, h, split, label, sub, parts=1):
         for r in range(world_size):

@@ -20,7 +20,7 @@ import torch
 from ..errors import InputError
 from ..model import Trace, causal_mask
 from ..viz import attention as va
-from .common import Explorer, detach_figure, figure_png, prompt_ids
+from .common import Explorer, detach_figure, prompt_ids
 
 DEFAULT_PROMPT = "The for statement is used to iterate over the elements of a list."
 

@@ -12,7 +12,6 @@ Introduced in notebooks/11_inside_an_engine.ipynb.
 from __future__ import annotations
 
 import io
-import statistics
 import time
 from dataclasses import dataclass, field
 
