@@ -6,10 +6,10 @@ For each model: prefill steps (B1 and B8 × 1024 tokens) and decode steps (B1 an
 profiled with torch.profiler (CUDA activity) around ``engine.step()`` calls marked with
 ``record_function``; a decode call runs a burst of ``decode_burst`` forward steps, so every number
 is a sum over the profiled calls divided by the forward steps they issued. Per forward step it
-reports the wall time, the number of CUDA kernels, the GPU time of
-each kernel class (matmuls, attention, LayerNorm, element-wise, sampling, copies, other) and the
-GPU's idle time: the wall time less the union of the kernels' busy intervals (a graph replay's
-kernels can overlap; each instant is counted once), and the kernels that took the most GPU time.
+reports the wall time, the number of CUDA kernels, the GPU time of each kernel class (matmuls,
+attention, LayerNorm, element-wise, sampling, copies, other) and the GPU's idle time: the wall
+time less the union of the kernels' busy intervals (a graph replay's kernels can overlap; each
+instant is counted once), and the kernels that took the most GPU time.
 With programmatic dependent launch a kernel's interval includes its wait for the one ahead, so
 the per-class times overlap and add up to more than the busy time; ``COURSE_PDL=0`` gives
 class times that do not (``--tag nopdl`` names that run's files). Writes
@@ -63,7 +63,8 @@ def busy_time(intervals, a: float, b: float) -> float:
 
 
 def profile_steps(llm, prompts, max_tokens: int, skip: int, steps: int) -> list[dict]:
-    """Add ``prompts``, run ``skip`` steps unprofiled, then profile ``steps`` steps; one dict a step."""
+    """Add ``prompts``, run ``skip`` steps unprofiled, then profile ``steps`` calls of
+    ``engine.step()``; one dict a call, with the forward steps it issued."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     for p in prompts:
@@ -112,6 +113,8 @@ def summarise(rows: list[dict]) -> dict:
     issue none (with asynchronous scheduling, a burst's kernels may also start in the next call's
     window): only the sums mean a step. One step a call (prefill): that call's numbers."""
     n = sum(r["forward_steps"] for r in rows)
+    if n == 0:
+        raise RuntimeError("the profiled calls issued no forward step: give the case more tokens")
     per = lambda key: sum(r[key] for r in rows) / n             # noqa: E731
     per_in = lambda key, k: sum(r[key].get(k, 0.0) for r in rows) / n   # noqa: E731
     classes = sorted({c for r in rows for c in r["class_us"]})

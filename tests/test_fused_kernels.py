@@ -309,7 +309,7 @@ for dtype in (torch.float32, torch.bfloat16):
                 x[1, V // 2] = float("nan")                # NaN is the largest
                 x[1, 3] = float("nan")
                 x[2] = float("-inf")                       # all -inf: column 0
-                x[3] = -1.0                                # all equal negatives: column 0
+                x[3] = -1.0                                # negatives: the one larger, late in the row
                 x[3, V - 2] = -0.5
                 x[4] = -1.0
                 x[4, 0], x[4, 5] = -0.0, 0.0               # -0.0 == 0.0: the first column wins

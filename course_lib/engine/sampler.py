@@ -21,6 +21,9 @@ import torch
 from ..sampling import filter_logits
 from .sequence import Sequence
 
+#: the log-probability values of a step in which no row asks for them (never written)
+NO_LOGPROBS = torch.zeros(0)
+
 
 @dataclass
 class DeviceSample:
@@ -33,7 +36,7 @@ class DeviceSample:
     def copy_to_host(self) -> "HostSample":
         """Start the device→host copy (non-blocking, into pinned memory, a CUDA event after it);
         :meth:`HostSample.read` waits for it. On the CPU the tensors are already on the host."""
-        ints, floats = self.tokens, torch.zeros(0)                               # (R,), no log-probs
+        ints, floats = self.tokens, NO_LOGPROBS                                  # (R,), no log-probs
         if self.logprobs:
             ints = torch.cat([ints] + [ids for _, ids, _, _ in self.logprobs])    # (R + sum k,)
             floats = torch.cat([torch.cat([vals, chosen.view(1)]) for _, _, vals, chosen in self.logprobs])   # (sum (k + 1),)
