@@ -77,8 +77,7 @@ def compile_resources(kernel, signature: dict[str, str], constexprs: dict, num_w
 #: the attention kernels' pointer arguments that are not int64 tables: bf16 activations and pool,
 #: fp32 split partials, int32 arrival counters
 POINTER_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16",
-                 "part_ml_ptr": "*fp32", "part_acc_ptr": "*fp32", "arrived_ptr": "*i32",
-                 "pf_ptr": "*i8"}
+                 "part_ml_ptr": "*fp32", "part_acc_ptr": "*fp32", "arrived_ptr": "*i32"}
 
 
 def attention_signature(kernel) -> dict[str, str]:
@@ -91,16 +90,13 @@ def attention_signature(kernel) -> dict[str, str]:
 # ---------------------------------------------------------------------------- the engine's attention
 
 
-def unified_resources(block_m: int, block_n: int, num_splits: int, num_warps: int = 4, num_stages: int = 2,
-                      prefetch_where: int = 0, prefetch_lines: int = 1) -> dict:
-    """The unified kernel at one launch shape, bf16, 64-wide heads, 16-slot blocks, PDL on;
-    ``prefetch_where``, ``prefetch_lines``: its L2 prefetch (0: none)."""
+def unified_resources(block_m: int, block_n: int, num_splits: int, num_warps: int = 4, num_stages: int = 2) -> dict:
+    """The unified kernel at one launch shape, bf16, 64-wide heads, 16-slot blocks, PDL on."""
     from course_lib.engine import triton_unified as tu
 
     kernel = tu._unified_attention_kernel
     constexprs = dict(HEAD_DIM=64, HEAD_DIM_P2=64, BLOCK_SIZE=16, BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=False,
-                      IEEE=False, WHILE_LOOP=False, NUM_SPLITS=num_splits, USE_PDL=True,
-                      PF_WHERE=prefetch_where, PF_LINES=prefetch_lines)
+                      IEEE=False, WHILE_LOOP=False, NUM_SPLITS=num_splits, USE_PDL=True)
     # multiples of 16 at GPT-2's shapes: the q/out/pool/partial-acc strides (H * 64, 64, 16 * H * 64, ...);
     # not the block-table width or the m/l partials' strides (multiples of H)
     divisible = [n for n in kernel.arg_names if n.startswith("stride_")

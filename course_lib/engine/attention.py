@@ -164,8 +164,6 @@ class TritonAttention:
     hold keys (attention_tiles.kv_splits_for)."""
 
     name = "triton"
-    #: where the kernel issues an L2 prefetch it is given: 1 after the PDL wait, 2 after its keys (experiment)
-    l2_prefetch_where = 2
 
     def __init__(self, max_kv_splits: int = 1, max_keys: int | None = None, head_bytes: int = 128):
         if isinstance(max_kv_splits, bool) or not isinstance(max_kv_splits, int) or max_kv_splits < 1:
@@ -213,8 +211,7 @@ class TritonAttention:
                               tile_row=views["tile_row"], num_tiles=views["num_tiles"], grid=grid,
                               block_m=block_m)
 
-    def forward(self, q, k, v, kv: PagedKVCache, layer: int, meta: TritonMetadata,
-                l2_prefetch: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, q, k, v, kv: PagedKVCache, layer: int, meta: TritonMetadata) -> torch.Tensor:
         from .triton_unified import unified_attention
 
         # rows that belong to no tile (a captured step's padding) keep whatever the buffer held: every
@@ -224,8 +221,7 @@ class TritonAttention:
         return unified_attention(q, kv.k[layer], kv.v[layer], meta.block_tables, meta.context_lens,
                                  meta.query_start, meta.tile_seq, meta.tile_row, meta.num_tiles, meta.grid,
                                  meta.block_m, out=out, num_splits=splits,
-                                 split_counters=self.split_counters(q.device) if splits > 1 else None,
-                                 l2_prefetch=l2_prefetch, l2_prefetch_where=self.l2_prefetch_where)
+                                 split_counters=self.split_counters(q.device) if splits > 1 else None)
 
 
 def make_attention(name: str, max_kv_splits: int = 1, max_keys: int | None = None, head_bytes: int = 128):

@@ -57,9 +57,6 @@ def padded_vocab(V: int) -> int:
 class FusedForward:
     """The fused forward of one :class:`~course_lib.engine.runner.ModelRunner`."""
 
-    #: one- or two-row steps: the attention kernel asks L2 for the first MLP weight (experiment)
-    l2_prefetch = False
-
     def __init__(self, runner):
         self.runner = runner
         self.model = runner.model
@@ -167,8 +164,7 @@ class FusedForward:
             q, k, v = (t.view(N, H, Dh) for t in qkv.split(H * Dh, dim=-1))             # (N, H, Dh)
             if kv is None:
                 runner.kv.write(layer, k, v, b.slot_mapping)
-            pf = mlp.c_fc.weight if self.l2_prefetch and N <= 2 else None
-            o = runner.attention.forward(q, k, v, runner.kv, layer, b.attention, l2_prefetch=pf).reshape(N, H * Dh)  # (N, D)
+            o = runner.attention.forward(q, k, v, runner.kv, layer, b.attention).reshape(N, H * Dh)  # (N, D)
             x, pending = self.add_projection(x, o, attn.c_proj)
             fc_plan = self.fused_plan(N, mlp.c_fc, ln=True)
             if fc_plan is not None and pending is None and self.tanh_gelu:                 # LN + c_fc + GELU

@@ -132,17 +132,6 @@ def _attend_key_range(q, m, l, acc, lo, hi, key_end, pos, seq, head, d, d_ok, k_
 
 
 @triton.jit
-def _prefetch_l2(base_ptr, num_lines, pid, num_programs, LINES: tl.constexpr):
-    """Ask L2 for lines ``pid, pid + num_programs, ...`` (of 128 bytes) below ``num_lines`` from
-    ``base_ptr`` (an int8 pointer), ``LINES`` of them a program: nothing is loaded into registers
-    and nothing waits for them (PTX ``prefetch.global.L2::evict_last``)."""
-    i = pid + num_programs * tl.arange(0, LINES)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.lt.s32 p, $2, $3; @p prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }",
-        "=r,l,r,r", [base_ptr + i.to(tl.int64) * 128, i, num_lines], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _tile_extent(tile, tables_ptr, context_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr,
                  BLOCK_M: tl.constexpr):
     """Where tile ``tile`` lies: its sequence, its rows, their absolute positions, the keys it needs."""
@@ -169,7 +158,6 @@ def _split_chunk(key_end, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 def _unified_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_ml_ptr, part_acc_ptr, arrived_ptr,
     tables_ptr, context_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr, num_tiles_ptr,
-    pf_ptr, pf_lines,                            # L2 prefetch: int8 base, 128-byte lines
     qk_scale,                                    # log2(e) / sqrt(Dh)
     num_heads,                                   # H
     stride_qn, stride_qh,                        # q: (N, H, Dh)
@@ -182,7 +170,6 @@ def _unified_attention_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     WHILE_LOOP: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
-    PF_WHERE: tl.constexpr, PF_LINES: tl.constexpr,
 ):
     pdl_launch_next(USE_PDL)
     # one flat grid, the head fastest, then the key chunk, then the tile: every program of the tile
@@ -199,8 +186,6 @@ def _unified_attention_kernel(
     seq, first, q_start, q_end, prefix, rows, key_end = _tile_extent(
         tile, tables_ptr, context_lens_ptr, query_start_ptr, tile_seq_ptr, tile_row_ptr, BLOCK_M)
     pdl_wait(USE_PDL)
-    if PF_WHERE == 1:
-        _prefetch_l2(pf_ptr, pf_lines, pid, tl.num_programs(0), PF_LINES)
     row_ok = rows < q_end
     pos = prefix + (rows - q_start)                            # absolute positions of the queries
 
@@ -232,8 +217,6 @@ def _unified_attention_kernel(
                                   k_ptr, v_ptr, tables_ptr, qk_scale, stride_kblock, stride_kslot, stride_kh,
                                   stride_tb, BLOCK_SIZE, BLOCK_N, True, DOT_FP32, IEEE, WHILE_LOOP,
                                   NUM_SPLITS > 1)
-    if PF_WHERE == 2:
-        _prefetch_l2(pf_ptr, pf_lines, pid, tl.num_programs(0), PF_LINES)
     if NUM_SPLITS == 1:
         out = acc / l[:, None]
         out_rows = rows.to(tl.int64) * stride_on + head * stride_oh
@@ -299,8 +282,7 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       tile_seq: torch.Tensor, tile_row: torch.Tensor, num_tiles: torch.Tensor,
                       grid_tiles: int, block_m: int, out: torch.Tensor | None = None,
                       block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None,
-                      num_splits: int = 1, split_counters: torch.Tensor | None = None,
-                      l2_prefetch: torch.Tensor | None = None, l2_prefetch_where: int = 2) -> torch.Tensor:
+                      num_splits: int = 1, split_counters: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of every new query row ``q`` (N, H, Dh) against its sequence's keys → (N, H, Dh).
 
     ``k_cache``/``v_cache``: one layer of the pool ``(blocks, block_size, H, Dh)``, already holding the
@@ -344,23 +326,13 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                              f"{tuple(split_counters.shape)} on {split_counters.device}")
     else:
         part_ml = part_acc = split_counters = out                                           # not read
-    programs = grid_tiles * H * num_splits
-    if l2_prefetch is not None and not _interpreting():
-        dense = l2_prefetch if l2_prefetch.is_contiguous() else l2_prefetch.t()   # K-contiguous weights: W.T is
-        if not dense.is_contiguous():
-            raise ValueError("l2_prefetch must be a contiguous tensor or the transpose of one")
-        pf = dense.view(torch.int8)                                                 # its bytes
-        pf_lines = triton.cdiv(pf.numel(), 128)
-        pf_where, pf_per_program = l2_prefetch_where, triton.next_power_of_2(triton.cdiv(pf_lines, programs))
-    else:
-        pf_lines, pf_where, pf_per_program, pf = 0, 0, 1, out
     consts = dict(HEAD_DIM=Dh, HEAD_DIM_P2=max(16, triton.next_power_of_2(Dh)), BLOCK_M=block_m, BLOCK_N=block_n,
                   NUM_SPLITS=num_splits)
     part_strides = (part_ml.stride(0), part_ml.stride(1), part_ml.stride(2),
                     part_acc.stride(0), part_acc.stride(1), part_acc.stride(2))
-    _unified_attention_kernel[(programs,)](
+    _unified_attention_kernel[(grid_tiles * H * num_splits,)](
         q, k_cache, v_cache, out, part_ml, part_acc, split_counters,
-        block_tables, context_lens, query_start, tile_seq, tile_row, num_tiles, pf, pf_lines,
+        block_tables, context_lens, query_start, tile_seq, tile_row, num_tiles,
         LOG2_E / math.sqrt(Dh), H,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -369,7 +341,6 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         *part_strides,
         BLOCK_SIZE=k_cache.shape[1], DOT_FP32=fp32 or _interpreting(),
         IEEE=fp32 and not _interpreting(), WHILE_LOOP=_interpreting(),
-        num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl, PF_WHERE=pf_where,
-        PF_LINES=pf_per_program, **consts,
+        num_warps=num_warps, num_stages=num_stages, USE_PDL=pdl, launch_pdl=pdl, **consts,
     )
     return out
