@@ -1,12 +1,13 @@
 """The residual add + LayerNorm kernel (triton_fused.add_layernorm) at prefill shapes and the XL
-batch-32 decode's: rows a program and warps swept, on one GPU.
+batch-32 decode's: its warps swept, on one GPU (a block of rows a program was swept too, on
+2026-12-06, and was slower at every shape: ``..._probe_add_layernorm.json``).
 
     PYTHONPATH=$PWD python3 benchmarks/probe_add_layernorm.py --out $OUT     # H200: ~30 s
 
 A prefill step of GPT-2 XL runs 97 of these on (tokens, 1,600) rows (0.46 ms of the 1 x 1,024
 step, 2.7 ms of the 8 x 1,024 one on an H200, benchmarks/NOTES.md). Each launch here reads the
 residual stream and a bf16 delta plus its bias (at decode, five fp32 split-K partials), writes the
-new stream and its LayerNorm; each is checked against one row a program first. Timed in a CUDA
+new stream and its LayerNorm; each is checked against the engine's launch first. Timed in a CUDA
 graph of 20 calls, each on its own buffers (the 8 x 1,024 shapes miss in L2; the 1 x 1,024 ones
 partly fit, as in the step, where the GEMM just wrote the delta). Writes ``probe_add_layernorm.json``.
 """
@@ -26,15 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import course_lib.engine.triton_fused as TF  # noqa: E402
 
 
-def engine_kernel(rows: int, warps: int):
-    """add_layernorm with its launch fixed at ``rows`` a program and ``warps``."""
+def engine_kernel(warps: int):
+    """add_layernorm with its programs fixed at ``warps``."""
     def run(x, ln, delta, delta_bias):
-        saved = TF.layernorm_launch
-        TF.layernorm_launch = lambda R, D: (rows, warps)
+        saved = TF.layernorm_warps
+        TF.layernorm_warps = lambda R, D: warps
         try:
             return TF.add_layernorm(x, ln, delta=delta, delta_bias=delta_bias)
         finally:
-            TF.layernorm_launch = saved
+            TF.layernorm_warps = saved
     return run
 
 
@@ -75,16 +76,15 @@ def main() -> None:
                  torch.randn(splits, N, D, device="cuda", dtype=torch.float32) if splits
                  else torch.randn(N, D, device="cuda", dtype=torch.bfloat16),
                  torch.randn(D, device="cuda", dtype=torch.bfloat16)) for _ in range(20)]
-        ref_x, ref_h = engine_kernel(1, 8 if D > 1024 else 4)(sets[0][0], ln, sets[0][1], sets[0][2])
-        row = {"shape": name, "N": N, "D": D, "engine_launch": TF.layernorm_launch(N, D),
+        ref_x, ref_h = engine_kernel(8 if D > 1024 else 4)(sets[0][0], ln, sets[0][1], sets[0][2])
+        row = {"shape": name, "N": N, "D": D, "engine_warps": TF.layernorm_warps(N, D),
                "engine_us": graph_time(lambda x, d, db: TF.add_layernorm(x, ln, delta=d, delta_bias=db), sets)}
-        for rows in (1, 2, 4, 8):
-            for warps in (1, 2, 4, 8, 16):
-                run = engine_kernel(rows, warps)
-                got_x, got_h = run(sets[0][0], ln, sets[0][1], sets[0][2])
-                same = torch.equal(got_x, ref_x) and (got_h.float() - ref_h.float()).abs().max().item() <= 0.0625
-                us = graph_time(lambda x, d, db: run(x, ln, d, db), sets)
-                row[f"rows{rows}_warps{warps}_us"] = round(us, 2) if same else f"WRONG ({us:.2f} us)"
+        for warps in (1, 2, 4, 8, 16):
+            run = engine_kernel(warps)
+            got_x, got_h = run(sets[0][0], ln, sets[0][1], sets[0][2])
+            same = torch.equal(got_x, ref_x) and (got_h.float() - ref_h.float()).abs().max().item() <= 0.0625
+            us = graph_time(lambda x, d, db: run(x, ln, d, db), sets)
+            row[f"warps{warps}_us"] = round(us, 2) if same else f"WRONG ({us:.2f} us)"
         results.append(row)
         print(json.dumps(row), flush=True)
     out = Path(args.out)

@@ -34,40 +34,30 @@ def _layernorm_row(x, cols, ok, D, w_ptr, b_ptr, eps):
 
 @triton.jit
 def _add_layernorm_kernel(x_ptr, d_ptr, db_ptr, rows_ptr, w_ptr, b_ptr, x_out_ptr, h_ptr,
-                          R, D, eps, stride_x, stride_ds, stride_dm, stride_xo, stride_h,
+                          D, eps, stride_x, stride_ds, stride_dm, stride_xo, stride_h,
                           SPLIT: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DBIAS: tl.constexpr, GATHER: tl.constexpr,
-                          STORE_X: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+                          STORE_X: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_launch_next(USE_PDL)
     pdl_wait(USE_PDL)
-    i = tl.program_id(0) * ROWS + tl.arange(0, ROWS)          # (ROWS,) output rows of this program
-    i_ok = i < R
-    row = i.to(tl.int64)                                       # the input rows they read
+    i = tl.program_id(0)
+    row = i.to(tl.int64)
     if GATHER:
-        row = tl.load(rows_ptr + i, mask=i_ok, other=0).to(tl.int64)
+        row = tl.load(rows_ptr + i).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
-    c_ok = cols < D
-    ok = i_ok[:, None] & c_ok[None, :]                         # (ROWS, BLOCK_D)
-    x = tl.load(x_ptr + row[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    ok = cols < D
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_DELTA:
-        d = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+        d = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for s in range(0, SPLIT):
-            d += tl.load(d_ptr + s * stride_ds + row[:, None] * stride_dm + cols[None, :], mask=ok,
-                         other=0.0).to(tl.float32)
+            d += tl.load(d_ptr + s * stride_ds + row * stride_dm + cols, mask=ok, other=0.0).to(tl.float32)
         if HAS_DBIAS:
-            d += tl.load(db_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+            d += tl.load(db_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         x = x + d
     x = x.to(x_out_ptr.dtype.element_ty)                    # the residual stream's rounding
-    out_rows = i.to(tl.int64)[:, None]
     if STORE_X:
-        tl.store(x_out_ptr + out_rows * stride_xo + cols[None, :], x, mask=ok)
-    x = x.to(tl.float32)
-    mean = tl.sum(x, axis=1) / D                             # (ROWS,): the formula of _layernorm, a row each
-    centred = tl.where(ok, x - mean[:, None], 0.0)
-    var = tl.sum(centred * centred, axis=1) / D
-    w = tl.load(w_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
-    h = centred * (1.0 / tl.sqrt(var + eps))[:, None] * w[None, :] + b[None, :]
-    tl.store(h_ptr + out_rows * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=ok)
+        tl.store(x_out_ptr + i * stride_xo + cols, x, mask=ok)
+    h = _layernorm_row(x.to(tl.float32), cols, ok, D, w_ptr, b_ptr, eps)
+    tl.store(h_ptr + i * stride_h + cols, h.to(h_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -109,9 +99,9 @@ def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8
 
 
-def layernorm_launch(R: int, D: int) -> tuple[int, int]:
-    """(rows a program, warps) of add_layernorm for ``R`` rows of ``D``."""
-    return 1, _warps(triton.next_power_of_2(D))
+def layernorm_warps(R: int, D: int) -> int:
+    """Warps of add_layernorm's programs (one a row) for ``R`` rows of ``D``."""
+    return _warps(triton.next_power_of_2(D))
 
 
 def _pdl(t: torch.Tensor) -> dict:
@@ -144,15 +134,14 @@ def add_layernorm(x: torch.Tensor, ln: torch.nn.LayerNorm, delta: torch.Tensor |
     if R == 0:
         return x_out, h
     block = triton.next_power_of_2(D)
-    per_program, warps = layernorm_launch(R, D)
-    _add_layernorm_kernel[(triton.cdiv(R, per_program),)](
+    _add_layernorm_kernel[(R,)](
         x, delta if delta is not None else x, delta_bias if delta_bias is not None else x,
         rows if rows is not None else x, ln.weight, ln.bias, x_new if x_new is not None else h, h,
-        R, D, ln.eps, x.stride(0),
+        D, ln.eps, x.stride(0),
         delta.stride(0) if delta is not None else 0, delta.stride(1) if delta is not None else 0,
         x_new.stride(0) if x_new is not None else 0, h.stride(0), SPLIT=delta.shape[0] if delta is not None else 0,
         HAS_DELTA=delta is not None, HAS_DBIAS=delta_bias is not None, GATHER=rows is not None,
-        STORE_X=x_new is not None, ROWS=per_program, BLOCK_D=block, num_warps=warps, **_pdl(x))
+        STORE_X=x_new is not None, BLOCK_D=block, num_warps=layernorm_warps(R, D), **_pdl(x))
     return x_out, h
 
 
