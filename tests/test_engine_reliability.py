@@ -40,6 +40,16 @@ def reference():
 WANT, ALL_PROMPTS, ALL_PARAMS = reference()
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """A Ctrl-C raises KeyboardInterrupt, as in a terminal or a notebook, even when the suite runs
+    with SIGINT ignored: a non-interactive shell starts background jobs (``make test &``) that way,
+    Python keeps an inherited ignore, and the injected Ctrl-C below would then do nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 class Fault(Exception):
     pass
 
