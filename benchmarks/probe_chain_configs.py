@@ -2,7 +2,7 @@
 the ones the chain of a step may prefer (a kernel's end, not its duration, is what a step pays:
 probe_timeline.py). GPT-2 124M and XL decode at batch 1 and 32, context 512.
 
-    PYTHONPATH=$PWD python3 benchmarks/probe_chain_configs.py --out $OUT     # H200: ~2 minutes
+    PYTHONPATH=$PWD python3 benchmarks/probe_chain_configs.py --out $OUT     # GPU (not run yet: written 2026-12-06)
 
 Variants, each fixed when its engine captures its graphs:
 

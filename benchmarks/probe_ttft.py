@@ -2,7 +2,7 @@
 on the device, and what follows it, for the bench's prefill rows (B prompts of 1,024 tokens, one
 new token each, fresh prompts every call).
 
-    PYTHONPATH=$PWD python3 benchmarks/probe_ttft.py --out $OUT     # H200: ~2 minutes
+    PYTHONPATH=$PWD python3 benchmarks/probe_ttft.py --out $OUT     # GPU (not run yet: written 2026-12-06)
 
 The engine is built as bench_engine.py builds it, with a smaller KV pool. For each call the step graph's ``replay`` is
 wrapped: host clocks at the call's start, just before and just after the replay is issued, and at
