@@ -60,11 +60,8 @@ def main() -> None:
         print("built", name, flush=True)
     G.MEASURED.clear()
     G.MEASURED.update(shipped)
-    got = {name: [] for name in engines}
-    for r in range(args.rounds):
-        for name, llm in engines.items():
-            got[name].append(round(B.engine_decode(llm, batch=32, context=512, steps=128, seed=r)["tokens_per_s"], 1))
-            print(name, got[name][-1], flush=True)
+    got = B.engine_decode_in_turns(engines, batch=32, context=512, steps=128, rounds=args.rounds)
+    print(json.dumps(got), flush=True)
     for llm in engines.values():
         llm.shutdown()
     out = Path(args.out)

@@ -74,11 +74,7 @@ def main() -> None:
                                 max_num_batched_tokens=1024)
         TF.layernorm_warps, G.rows_config = LN_WARPS, ROWS_CONFIG
         for batch in (1, 32):
-            got = {name: [] for name in engines}
-            for r in range(args.rounds):
-                for name, llm in engines.items():
-                    got[name].append(round(B.engine_decode(llm, batch=batch, context=512, steps=128, seed=r)
-                                           ["tokens_per_s"], 1))
+            got = B.engine_decode_in_turns(engines, batch, context=512, steps=128, rounds=args.rounds)
             rows.append({"model": shape, "batch": batch, **got})
             print(json.dumps(rows[-1]), flush=True)
         for llm in engines.values():

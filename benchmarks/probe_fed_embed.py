@@ -47,10 +47,7 @@ def main() -> None:
             engines[name] = LLM(model, device="cuda", dtype=torch.bfloat16, num_kv_blocks=4096, max_num_seqs=64)
         FF.embed_layernorm = FUSED
         for batch in (1, 32):
-            got = {name: [] for name in engines}
-            for r in range(3):
-                for name, llm in engines.items():
-                    got[name].append(B.engine_decode(llm, batch=batch, context=512, steps=256, seed=r)["tokens_per_s"])
+            got = B.engine_decode_in_turns(engines, batch, context=512, steps=256, rounds=3)
             rows.append({"model": shape, "batch": batch, **{k: [round(v) for v in vs] for k, vs in got.items()}})
             print(rows[-1], flush=True)
         for llm in engines.values():

@@ -102,6 +102,17 @@ def engine_decode(llm, batch: int, context: int, steps: int = 64, peaks=None, se
             **_rates(llm.config, sum(x.flops for x in recs), sum(x.bytes for x in recs), secs, peaks)}
 
 
+def engine_decode_in_turns(engines: dict, batch: int, context: int, steps: int, rounds: int = 3) -> dict:
+    """Decode tok/s of several engines on one device, measured in turns (round ``r`` on seed ``r``
+    for every engine), so that the device's drift falls on all of them alike: an A/B's numbers,
+    ``{name: [tok/s of each round]}``, rounded to 0.1."""
+    got = {name: [] for name in engines}
+    for r in range(rounds):
+        for name, llm in engines.items():
+            got[name].append(round(engine_decode(llm, batch, context, steps, seed=r)["tokens_per_s"], 1))
+    return got
+
+
 def engine_serving(llm, prompts, output_lens) -> dict:
     """Output tok/s of a whole workload, all requests arriving at once, EOS ignored. The warm-up
     runs on other prompts, so the timed ones find nothing in the prefix cache."""
